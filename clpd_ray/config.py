@@ -1,0 +1,273 @@
+"""Typed run configuration, loaded from YAML once and validated at load.
+
+Every default lives here and nowhere else. ``load_config(path, overrides)`` reads a YAML file,
+applies ``a.b=c`` overrides (values parsed as YAML scalars), and validates. Any mistake raises
+:class:`~clpd_ray.errors.ConfigError` naming the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from clpd_ray.errors import ConfigError
+
+__all__ = [
+    "ClusterConfig",
+    "Config",
+    "CurriculumConfig",
+    "DataConfig",
+    "DistillConfig",
+    "ModelSpec",
+    "SchedulerConfig",
+    "StudentConfig",
+    "TaskConfig",
+    "TeacherSpec",
+    "TeachersConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "default_cache_dir",
+    "load_config",
+]
+
+LossKind = Literal["fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd"]
+TailMode = Literal["renormalise", "zero", "tail_bucket"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """A causal LM: either a path / hub id to load, or a tiny architecture to build."""
+
+    path: str | None = None
+    arch: Literal["gpt2", "llama", "qwen2"] = "gpt2"
+    n_layer: int = Field(2, ge=1, le=48)
+    n_embd: int = Field(64, ge=8, le=8192)
+    n_head: int = Field(2, ge=1, le=128)
+    max_positions: int = Field(128, ge=16, le=32768)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelSpec:
+        if self.path is None and self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        return self
+
+
+class TeacherSpec(ModelSpec):
+    name: str = Field(min_length=1)
+    train_steps: int = Field(1500, ge=1)
+    lr: float = Field(3e-3, gt=0, le=1.0)
+
+
+class TaskConfig(_Strict):
+    """The embedded synthetic reasoning task (used when ``data.path`` is unset)."""
+
+    max_difficulty: int = Field(6, ge=1, le=16)
+    train_size: int = Field(20000, ge=10)
+    eval_size: int = Field(600, ge=10)
+
+
+class DataConfig(_Strict):
+    """An external dataset loaded with Hugging Face ``datasets`` (overrides the embedded task)."""
+
+    path: str | None = None
+    eval_path: str | None = None
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    prompt_field: str = "question"
+    cot_field: str = "answer"
+    answer_field: str | None = None
+    cot_steps: Literal["lines", "calc"] = "lines"
+
+
+class TeachersConfig(_Strict):
+    """The teacher ladder, weakest first."""
+
+    ladder: list[TeacherSpec] = Field(
+        default_factory=lambda: [
+            TeacherSpec(name="t-small", n_layer=1, n_embd=32, n_head=2, train_steps=1500),
+            TeacherSpec(name="t-medium", n_layer=2, n_embd=64, n_head=4, train_steps=1500),
+            TeacherSpec(name="t-large", n_layer=3, n_embd=128, n_head=4, train_steps=1500),
+        ],
+        min_length=1,
+    )
+    batch_size: int = Field(64, ge=1)
+    cache_dir: str | None = None
+    top_k: int = Field(16, ge=1)
+    resident: Literal["all", "needed"] = "all"
+
+
+class StudentConfig(ModelSpec):
+    lr: float = Field(3e-3, gt=0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+
+
+class DistillConfig(_Strict):
+    objective: Literal["token", "sequence"] = "token"
+    loss: LossKind = "fkl"
+    beta: float = Field(0.5, gt=0, lt=1)
+    alpha: float = Field(0.1, ge=0, lt=1)
+    temperature: float = Field(1.0, gt=0, le=100)
+    scale_by_t2: bool = False
+    ce_weight: float = Field(0.0, ge=0)
+    tail: TailMode = "renormalise"
+
+
+class CurriculumConfig(_Strict):
+    num_stages: int = Field(3, ge=1, le=64)
+    scorer: Literal["steps", "length", "student_loss", "fusion"] = "steps"
+    boundaries: list[float] | None = None
+    replay: float = Field(0.0, ge=0, lt=1)
+
+
+class SchedulerConfig(_Strict):
+    policy: str = "clpd"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    probe_every: int = Field(50, ge=1)
+    probe_size: int = Field(32, ge=1)
+
+
+class TrainConfig(_Strict):
+    total_steps: int = Field(600, ge=1)
+    batch_size: int = Field(32, ge=1)
+    prefetch: int = Field(2, ge=1, le=64)
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0)
+    checkpoint_every: int = Field(200, ge=0)
+
+
+class ClusterConfig(_Strict):
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)
+    gpus_per_actor: float = Field(1.0, ge=0, le=8)
+    dashboard_host: str = "127.0.0.1"
+
+
+class Config(_Strict):
+    seed: int = 0
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    teachers: TeachersConfig = Field(default_factory=TeachersConfig)
+    student: StudentConfig = Field(
+        default_factory=lambda: StudentConfig(n_layer=1, n_embd=32, n_head=2)
+    )
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        names = [t.name for t in self.teachers.ladder]
+        if len(set(names)) != len(names):
+            raise ValueError(f"teacher names must be unique, got {names}")
+        bounds = self.curriculum.boundaries
+        if bounds is not None:
+            if len(bounds) != self.curriculum.num_stages - 1:
+                raise ValueError(
+                    f"curriculum.boundaries has {len(bounds)} values; num_stages="
+                    f"{self.curriculum.num_stages} needs {self.curriculum.num_stages - 1}"
+                )
+            if any(b >= a for b, a in zip(bounds, bounds[1:])):
+                raise ValueError(f"curriculum.boundaries must be strictly increasing, got {bounds}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def default_cache_dir(config: Config | None = None) -> Path:
+    """The teacher cache: config ``teachers.cache_dir``, else ``$CLPD_CACHE``, else ~/.cache/clpd_ray."""
+    if config is not None and config.teachers.cache_dir:
+        return Path(config.teachers.cache_dir).expanduser()
+    env = os.environ.get("CLPD_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "clpd_ray"
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested dict; values are parsed as YAML scalars."""
+    out = _deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.total_steps=100")
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:-1])} is not a section")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            node[parts[-1]] = value
+    return out
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        kind = e["type"]
+        value = e.get("input")
+        if kind == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{loc}'; remove it or check its spelling")
+        elif kind == "value_error":
+            lines.append(f"{source}: {loc or 'config'}: {e['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"{source}: key '{loc}' has bad value {value!r}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load, override and validate a config. ``path=None`` gives the defaults."""
+    raw: Any = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass the path of a YAML file")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{p}: not valid YAML{where}; fix the syntax") from None
+    if overrides:
+        if not isinstance(raw, dict):
+            raw = {}
+        raw = apply_overrides(raw, overrides)
+        source += " (with --set overrides)"
+    return config_from_dict(raw, source)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
