@@ -9,6 +9,14 @@ from clpd_ray.errors import ClpdError
 from clpd_ray.example import Example
 from clpd_ray.losses import kd_loss, sparse_kd_loss
 
-__all__ = ["ClpdError", "Config", "Example", "__version__", "kd_loss", "load_config", "sparse_kd_loss"]
+__all__ = [
+    "ClpdError",
+    "Config",
+    "Example",
+    "__version__",
+    "kd_loss",
+    "load_config",
+    "sparse_kd_loss",
+]
 
 __version__ = "0.1.0"

@@ -7,6 +7,7 @@ applies ``a.b=c`` overrides (values parsed as YAML scalars), and validates. Any 
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -90,9 +91,9 @@ class TeachersConfig(_Strict):
 
     ladder: list[TeacherSpec] = Field(
         default_factory=lambda: [
-            TeacherSpec(name="t-small", n_layer=1, n_embd=32, n_head=2, train_steps=1500),
-            TeacherSpec(name="t-medium", n_layer=2, n_embd=64, n_head=4, train_steps=1500),
-            TeacherSpec(name="t-large", n_layer=3, n_embd=128, n_head=4, train_steps=1500),
+            TeacherSpec(name="t-small", n_layer=1, n_embd=32, n_head=2),
+            TeacherSpec(name="t-medium", n_layer=2, n_embd=32, n_head=2),
+            TeacherSpec(name="t-large", n_layer=2, n_embd=64, n_head=4),
         ],
         min_length=1,
     )
@@ -175,7 +176,7 @@ class Config(_Strict):
                     f"curriculum.boundaries has {len(bounds)} values; num_stages="
                     f"{self.curriculum.num_stages} needs {self.curriculum.num_stages - 1}"
                 )
-            if any(b >= a for b, a in zip(bounds, bounds[1:])):
+            if any(b >= a for b, a in itertools.pairwise(bounds)):
                 raise ValueError(f"curriculum.boundaries must be strictly increasing, got {bounds}")
         return self
 
@@ -197,7 +198,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.total_steps=100")
+            raise ConfigError(
+                f"--set {item!r}: expected key=value, e.g. --set train.total_steps=100"
+            )
         parts = key.strip().split(".")
         node = out
         for p in parts[:-1]:
@@ -239,7 +242,9 @@ def _format_error(err: ValidationError, source: str) -> str:
 
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(
+            f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}"
+        )
     try:
         return Config.model_validate(raw)
     except ValidationError as err:

@@ -24,7 +24,9 @@ from clpd_ray.errors import ModelLoadError
 __all__ = ["build_model", "count_parameters", "load_causal_lm", "make_model"]
 
 
-def build_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:
+def build_model(
+    spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed: int = 0
+) -> PreTrainedModel:
     """A randomly initialised tiny causal LM sized by ``spec`` for ``tokenizer``'s vocabulary."""
     common = {
         "vocab_size": len(tokenizer),
@@ -73,7 +75,9 @@ def load_causal_lm(path: str | Path) -> PreTrainedModel:
         ) from None
 
 
-def make_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:
+def make_model(
+    spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed: int = 0
+) -> PreTrainedModel:
     """Load ``spec.path`` when set, else build the tiny architecture ``spec`` describes."""
     return load_causal_lm(spec.path) if spec.path else build_model(spec, tokenizer, seed)
 

@@ -51,7 +51,9 @@ def make_example(start: int, ops: list[tuple[str, int]]) -> Example:
     return Example(prompt=prompt, target=f"{cot}#{value}", answer=str(value), steps=len(ops))
 
 
-def generate_examples(n: int, max_difficulty: int, seed: int, split: str = "train") -> list[Example]:
+def generate_examples(
+    n: int, max_difficulty: int, seed: int, split: str = "train"
+) -> list[Example]:
     """``n`` examples with difficulty uniform over 1..max_difficulty, deterministic by seed.
 
     ``split`` selects an independent random stream, so "train" and "eval" never share a stream.

@@ -35,7 +35,9 @@ def to_torch(enc: Encoded, device: str | torch.device = "cpu") -> dict[str, torc
     }
 
 
-def masked_nll(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+def masked_nll(
+    logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor
+) -> torch.Tensor:
     """Per-row mean next-token NLL over ``loss_mask`` positions. (B, T, V), (B, T), (B, T) -> (B,)."""
     labels = torch.roll(input_ids, shifts=-1, dims=1)  # position t predicts token t+1
     nll = torch.nn.functional.cross_entropy(
@@ -120,7 +122,11 @@ def evaluate_accuracy(
         targets = tokenizer([e.target for e in examples], add_special_tokens=False)["input_ids"]
         max_new_tokens = max(len(t) for t in targets) + 2
     texts = generate_texts(
-        model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new_tokens, batch_size=batch_size
+        model,
+        tokenizer,
+        [e.prompt for e in examples],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
     )
     hits: dict[int, list[bool]] = defaultdict(list)
     for e, t in zip(examples, texts, strict=True):

@@ -1,0 +1,33 @@
+"""Which torch device an actor uses, from the GPUs Ray assigned to it (not from CUDA visibility).
+
+Since Ray 2.50, an actor with ``num_gpus=0`` still sees every GPU, so ``torch.cuda.is_available()``
+says nothing about what the actor owns: ``ray.get_gpu_ids()`` does. Logical GPUs declared on a
+CPU machine (``ray.init(num_gpus=3)``) are assigned like real ones but fall back to the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["assigned_gpu_ids", "pick_device", "set_threads"]
+
+
+def assigned_gpu_ids() -> list[str]:
+    try:
+        import ray
+
+        return [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
+    except Exception:  # outside a Ray worker
+        return []
+
+
+def pick_device() -> torch.device:
+    """cuda:0 (Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU) when one is assigned and real."""
+    if assigned_gpu_ids() and torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+def set_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(n)

@@ -1,0 +1,151 @@
+"""The scheduler service: hosts a scheduling policy and measures the student on probe sets.
+
+The policy only decides (pure, no I/O); this service does the rest: it checks every decision,
+records the schedule as Ray metrics, and evaluates small per-stage probe sets with a snapshot of
+the student's weights, off the student's critical path. Probe results feed later observations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clpd_ray.actors.device import pick_device, set_threads
+from clpd_ray.batching import encode_examples
+from clpd_ray.config import ModelSpec
+from clpd_ray.example import Example
+from clpd_ray.losses import sparse_kd_loss
+from clpd_ray.messages import Decision, Observation, ProbeResult, TeacherTargets
+from clpd_ray.metrics import RunMetrics
+from clpd_ray.models import make_model
+from clpd_ray.policies import SchedulerPolicy, check_decision, resolve_policy
+from clpd_ray.tokenizer import load_tokenizer
+from clpd_ray.training import evaluate_accuracy, masked_nll, to_torch
+
+__all__ = ["SchedulerService"]
+
+
+class SchedulerService:
+    def __init__(
+        self,
+        policy: str | type[SchedulerPolicy] | SchedulerPolicy,
+        policy_kwargs: dict[str, Any] | None,
+        *,
+        num_stages: int,
+        teacher_names: Sequence[str],
+        total_steps: int,
+        student_spec: ModelSpec,
+        tokenizer_dir: str | Path,
+        run_id: str = "local",
+        threads: int | None = 1,
+    ) -> None:
+        set_threads(threads)
+        self.policy = resolve_policy(policy, policy_kwargs)
+        self.policy.bind(
+            num_stages=num_stages, num_teachers=len(teacher_names), total_steps=total_steps
+        )
+        self.num_stages = num_stages
+        self.teacher_names = list(teacher_names)
+        self.device = pick_device()
+        self.metrics = RunMetrics(run_id)
+        self.max_new_tokens = 64
+        self.probe_sets: list[list[Example]] = []
+        self.teacher_probe_targets: list[list[TeacherTargets]] = []
+        self._student_spec = student_spec
+        self._tokenizer_dir = tokenizer_dir
+        self._probe_model: torch.nn.Module | None = None
+        self._encoded = None
+        self.busy_s = 0.0
+
+    def __repr__(self) -> str:
+        return f"SchedulerService(policy={self.policy.name}, stages={self.num_stages}, teachers={len(self.teacher_names)})"
+
+    @property
+    def policy_name(self) -> str:
+        return self.policy.name
+
+    def info(self) -> dict:
+        return {"policy": self.policy.name, "curriculum": self.policy.curriculum}
+
+    def decide(self, obs: Observation) -> tuple[Decision, dict]:
+        """The checked decision for ``obs`` and the policy state *before* it (for checkpoints)."""
+        before = self.policy.state_dict()
+        decision = check_decision(
+            self.policy.name, self.policy.decide(obs), self.num_stages, len(self.teacher_names)
+        )
+        self.metrics.schedule(
+            decision.stage, decision.teacher, self.teacher_names[decision.teacher]
+        )
+        return decision, before
+
+    def state_dict(self) -> dict:
+        return self.policy.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.policy.load_state_dict(state)
+
+    def set_probes(
+        self,
+        probe_sets: Sequence[Sequence[Example]],
+        teacher_probe_targets: Sequence[Sequence[TeacherTargets]],
+        max_new_tokens: int,
+    ) -> None:
+        """Per-stage probe sets, and ``teacher_probe_targets[i][s]``: teacher i's targets on set s."""
+        self.probe_sets = [list(p) for p in probe_sets]
+        self.teacher_probe_targets = [list(t) for t in teacher_probe_targets]
+        self.max_new_tokens = max_new_tokens
+        self._encoded = None
+
+    def _model(self) -> torch.nn.Module:
+        if self._probe_model is None:
+            self.tokenizer = load_tokenizer(self._tokenizer_dir)
+            self._probe_model = (
+                make_model(self._student_spec, self.tokenizer).to(self.device).eval()
+            )
+            self._encoded = [encode_examples(self.tokenizer, p) for p in self.probe_sets]
+        return self._probe_model
+
+    @torch.inference_mode()
+    def probe(self, step: int, weights: dict[str, np.ndarray]) -> tuple[ProbeResult, ...]:
+        """Measure a snapshot of the student on every stage's probe set."""
+        import time
+
+        start = time.perf_counter()
+        model = self._model()
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()}, strict=False)
+        results = []
+        assert self._encoded is not None
+        for s, (examples, enc) in enumerate(zip(self.probe_sets, self._encoded, strict=True)):
+            batch = to_torch(enc, self.device)
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+            logits = logits[..., : len(self.tokenizer)]  # (B, T, V)
+            loss = float(masked_nll(logits, batch["input_ids"], batch["loss_mask"]).mean())
+            kls = []
+            for per_stage in self.teacher_probe_targets:
+                t = per_stage[s]
+                kl = sparse_kd_loss(
+                    logits,
+                    torch.as_tensor(t.logprobs, device=self.device),
+                    torch.as_tensor(t.ids, device=self.device),
+                    batch["loss_mask"],
+                    "fkl",
+                    temperature=t.temperature,
+                )
+                kls.append(float(kl))
+            acc = evaluate_accuracy(
+                model, self.tokenizer, examples, max_new_tokens=self.max_new_tokens
+            )
+            results.append(
+                ProbeResult(stage=s, loss=loss, accuracy=acc["accuracy"], kl_to_teacher=tuple(kls))
+            )
+        self.busy_s += time.perf_counter() - start
+        return tuple(results)
+
+    def stats(self) -> dict:
+        return {"busy_s": self.busy_s}

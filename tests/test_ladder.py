@@ -1,0 +1,200 @@
+"""The teacher ladder: train tiny teachers once, cache them by key, reload, and report accuracy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import clpd_ray.ladder as ladder_mod
+from clpd_ray.config import Config
+from clpd_ray.errors import ConfigError
+from clpd_ray.ladder import LadderEntry, accuracy_table, ensure_ladder, teacher_cache_key
+from clpd_ray.models import count_parameters, load_causal_lm
+from clpd_ray.task import generate_examples
+from clpd_ray.tokenizer import build_char_tokenizer, load_tokenizer
+
+MAX_DIFFICULTY = 3
+TEACHERS = [
+    {"name": "t-a", "n_layer": 1, "n_embd": 16, "n_head": 2, "train_steps": 5},
+    {"name": "t-b", "n_layer": 2, "n_embd": 16, "n_head": 2, "train_steps": 5},
+]
+
+
+def _config(cache_dir: Path, teachers: list[dict] = TEACHERS, **task) -> Config:
+    return Config.model_validate(
+        {
+            "task": {"max_difficulty": MAX_DIFFICULTY, "train_size": 200, "eval_size": 30, **task},
+            "teachers": {"cache_dir": str(cache_dir), "batch_size": 8, "ladder": teachers},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def data():
+    return (
+        generate_examples(200, MAX_DIFFICULTY, seed=0, split="train"),
+        generate_examples(30, MAX_DIFFICULTY, seed=0, split="eval"),
+    )
+
+
+def _ensure(cfg: Config, tok, data) -> list[LadderEntry]:
+    return ensure_ladder(cfg, tok, *data, progress=False)
+
+
+def _count_training(monkeypatch) -> list[str]:
+    trained: list[str] = []
+    real = ladder_mod.train_teacher
+
+    def counting(spec, *args, **kwargs):
+        trained.append(spec.name)
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(ladder_mod, "train_teacher", counting)
+    return trained
+
+
+def _forbid_training(monkeypatch) -> None:
+    def boom(spec, *args, **kwargs):
+        raise AssertionError(f"teacher {spec.name} was retrained instead of loaded from cache")
+
+    monkeypatch.setattr(ladder_mod, "train_teacher", boom)
+
+
+def test_trains_writes_and_reloads_from_cache(tmp_path, tok, data, monkeypatch):
+    cfg = _config(tmp_path)
+    trained = _count_training(monkeypatch)
+    entries = _ensure(cfg, tok, data)
+    assert trained == ["t-a", "t-b"]
+    assert [e.name for e in entries] == ["t-a", "t-b"]
+    for e, spec in zip(entries, cfg.teachers.ladder, strict=True):
+        assert e.path == tmp_path / "teachers" / f"{spec.name}-{teacher_cache_key(cfg, spec)}"
+        for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+            assert (e.path / f).is_file(), f
+        assert not e.path.with_name(e.path.name + ".tmp").exists()
+        acc = json.loads((e.path / "accuracy.json").read_text())
+        assert 0.0 <= acc["accuracy"] <= 1.0
+        assert acc["n"] == 30
+        assert sorted(int(k) for k in acc["by_difficulty"]) == list(range(1, MAX_DIFFICULTY + 1))
+        assert acc["name"] == spec.name and acc["train_steps"] == 5
+        model = load_causal_lm(e.path)
+        assert acc["parameters"] == e.parameters == count_parameters(model)
+        assert load_tokenizer(e.path).get_vocab() == tok.get_vocab()
+    assert entries[0].parameters < entries[1].parameters
+
+    _forbid_training(monkeypatch)
+    again = _ensure(cfg, tok, data)
+    assert [(e.name, e.path, e.parameters) for e in again] == [
+        (e.name, e.path, e.parameters) for e in entries
+    ]
+    for e, first in zip(again, entries, strict=True):
+        assert e.accuracy["accuracy"] == first.accuracy["accuracy"]
+        assert json.loads(json.dumps(e.accuracy)) == json.loads(json.dumps(first.accuracy))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG clpd_ray/ladder.py: a freshly trained LadderEntry has int by_difficulty keys, a "
+    "cached one (json-loaded accuracy.json) has str keys, so entries differ by cache state",
+)
+def test_cached_entries_equal_fresh_entries(tmp_path, tok, data):
+    cfg = _config(tmp_path, teachers=TEACHERS[:1])
+    assert _ensure(cfg, tok, data) == _ensure(cfg, tok, data)
+
+
+def test_changing_one_spec_retrains_only_that_teacher(tmp_path, tok, data, monkeypatch):
+    first = _ensure(_config(tmp_path), tok, data)
+    changed = [TEACHERS[0], {**TEACHERS[1], "train_steps": 6}]
+    trained = _count_training(monkeypatch)
+    second = _ensure(_config(tmp_path, teachers=changed), tok, data)
+    assert trained == ["t-b"]
+    assert second[0].path == first[0].path
+    assert second[1].path != first[1].path
+    assert second[1].accuracy["train_steps"] == 6
+    assert first[1].path.is_dir()  # the old version stays cached
+
+
+def test_incomplete_cache_entry_is_retrained(tmp_path, tok, data, monkeypatch):
+    first = _ensure(_config(tmp_path), tok, data)
+    (first[1].path / "accuracy.json").unlink()
+    trained = _count_training(monkeypatch)
+    _ensure(_config(tmp_path), tok, data)
+    assert trained == ["t-b"]
+    assert (first[1].path / "accuracy.json").is_file()
+
+
+def test_cache_key_changes_with_settings(tmp_path):
+    base = _config(tmp_path)
+    spec = base.teachers.ladder[0]
+    key = teacher_cache_key(base, spec)
+    assert len(key) == 12 and int(key, 16) >= 0
+    assert teacher_cache_key(_config(tmp_path), spec) == key  # deterministic
+    for task in ({"max_difficulty": 4}, {"train_size": 201}, {"eval_size": 31}):
+        assert teacher_cache_key(_config(tmp_path, **task), spec) != key, task
+    other_seed = base.model_copy(update={"seed": 1})
+    assert teacher_cache_key(other_seed, spec) != key
+    bigger_batch = base.model_copy(
+        update={"teachers": base.teachers.model_copy(update={"batch_size": 16})}
+    )
+    assert teacher_cache_key(bigger_batch, spec) != key
+    for change in ({"lr": 1e-3}, {"train_steps": 6}, {"n_embd": 32}, {"arch": "llama"}):
+        assert teacher_cache_key(base, spec.model_copy(update=change)) != key, change
+    # Not part of training: the name (it is in the directory name instead) and top_k.
+    assert teacher_cache_key(base, spec.model_copy(update={"name": "renamed"})) == key
+    topk = base.model_copy(update={"teachers": base.teachers.model_copy(update={"top_k": 3})})
+    assert teacher_cache_key(topk, spec) == key
+
+
+def test_missing_teacher_path_raises_config_error(tmp_path, tok, data):
+    missing = tmp_path / "no-such-teacher"
+    cfg = _config(tmp_path, teachers=[{"name": "ext", "path": str(missing)}])
+    with pytest.raises(ConfigError) as info:
+        _ensure(cfg, tok, data)
+    assert str(missing) in str(info.value)
+    assert "ext" in str(info.value)
+
+
+def test_existing_teacher_path_is_used_as_is(tmp_path, tok, data, monkeypatch):
+    trained = _ensure(_config(tmp_path / "cache", teachers=TEACHERS[:1]), tok, data)[0]
+    _forbid_training(monkeypatch)
+    cfg = _config(
+        tmp_path / "cache2", teachers=[{"name": "ext", "path": str(trained.path)}, TEACHERS[0]]
+    )
+    with pytest.raises(AssertionError, match="t-a was retrained"):
+        _ensure(cfg, tok, data)  # t-a is not in cache2: it would be trained
+    cfg = _config(tmp_path / "cache", teachers=[{"name": "ext", "path": str(trained.path)}])
+    (entry,) = _ensure(cfg, tok, data)
+    assert entry.name == "ext" and entry.path == trained.path
+    assert entry.accuracy["accuracy"] == trained.accuracy["accuracy"]
+
+
+def test_external_data_needs_teacher_paths(tmp_path, tok, data):
+    cfg = Config.model_validate(
+        {**_config(tmp_path).to_dict(), "data": {"path": str(tmp_path / "d.jsonl")}}
+    )
+    with pytest.raises(ConfigError, match=r"data\.path"):
+        _ensure(cfg, tok, data)
+
+
+def test_accuracy_table_renders_rows():
+    entries = [
+        LadderEntry("t-a", Path("a"), {"accuracy": 0.5, "by_difficulty": {1: 1.0, 2: 0.25}}, 1234),
+        LadderEntry(
+            "t-b", Path("b"), {"accuracy": 0.75, "by_difficulty": {"1": 1.0, "3": 0.5}}, 56789
+        ),
+        LadderEntry("ext", Path("c"), None),
+    ]
+    lines = accuracy_table(entries).splitlines()
+    assert lines[0] == "| teacher | params | all | k=1 | k=2 | k=3 |"
+    assert lines[1] == "|---|---|---|---|---|---|"
+    assert lines[2] == "| t-a | 1,234 | 0.50 | 1.00 | 0.25 | nan |"
+    assert lines[3] == "| t-b | 56,789 | 0.75 | 1.00 | nan | 0.50 |"
+    assert lines[4].startswith("| ext | ? | n/a |")
+    assert {line.count("|") for line in lines} == {7}
+    assert len(lines) == 5
