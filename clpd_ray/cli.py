@@ -58,7 +58,7 @@ def _table(summary: dict) -> str:
     lines.append(
         row(
             "student",
-            summary.get("student_parameters"),
+            student.get("parameters"),
             student["accuracy"],
             student["accuracy_by_difficulty"],
         )

@@ -10,10 +10,18 @@ from __future__ import annotations
 import itertools
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from clpd_ray.errors import ConfigError
 
@@ -41,6 +49,17 @@ TailMode = Literal["renormalise", "zero", "tail_bucket"]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # Lax mode would read YAML `true` as 1 for a number; a bool there is always a mistake.
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None:
+            allowed = get_args(field.annotation) or (field.annotation,)
+            if bool not in allowed and any(t in (int, float) for t in allowed):
+                raise ValueError(f"expected a number, got the boolean {value}")
+        return value
 
 
 class ModelSpec(_Strict):
@@ -91,7 +110,7 @@ class TeachersConfig(_Strict):
 
     ladder: list[TeacherSpec] = Field(
         default_factory=lambda: [
-            TeacherSpec(name="t-small", n_layer=1, n_embd=32, n_head=2),
+            TeacherSpec(name="t-small", n_layer=2, n_embd=24, n_head=2),
             TeacherSpec(name="t-medium", n_layer=2, n_embd=32, n_head=2),
             TeacherSpec(name="t-large", n_layer=2, n_embd=64, n_head=4),
         ],
@@ -137,7 +156,7 @@ class SchedulerConfig(_Strict):
 class TrainConfig(_Strict):
     total_steps: int = Field(600, ge=1)
     batch_size: int = Field(32, ge=1)
-    prefetch: int = Field(2, ge=1, le=64)
+    prefetch: int = Field(4, ge=1, le=64)
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0)
     checkpoint_every: int = Field(200, ge=0)
@@ -156,7 +175,7 @@ class Config(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     teachers: TeachersConfig = Field(default_factory=TeachersConfig)
     student: StudentConfig = Field(
-        default_factory=lambda: StudentConfig(n_layer=1, n_embd=32, n_head=2)
+        default_factory=lambda: StudentConfig(n_layer=2, n_embd=32, n_head=2)
     )
     distill: DistillConfig = Field(default_factory=DistillConfig)
     curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
@@ -268,7 +287,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: not valid YAML{where}; fix the syntax") from None
     if overrides:
         if not isinstance(raw, dict):
-            raw = {}
+            raise ConfigError(
+                f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}"
+            )
         raw = apply_overrides(raw, overrides)
         source += " (with --set overrides)"
     return config_from_dict(raw, source)

@@ -29,6 +29,10 @@ def normalise_answer(text: str) -> str:
     s = text.strip().replace(",", "").replace("$", "").replace(" ", "")
     s = s.rstrip(".")
     try:
+        return str(int(s))  # exact for integers of any size
+    except ValueError:
+        pass
+    try:
         value = float(s)
     except ValueError:
         return s.lower()

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from clpd_ray.batching import encode_examples
 from clpd_ray.config import Config, TeacherSpec, default_cache_dir
@@ -95,8 +96,10 @@ def train_teacher(
         train_steps=spec.train_steps,
         train_s=round(train_s, 1),
     )
+    acc = json.loads(json.dumps(acc))  # the same (string) keys as when read back from the cache
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    hf_logging.disable_progress_bar()
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "accuracy.json").write_text(json.dumps(acc, indent=2))
@@ -152,7 +155,7 @@ def ensure_ladder(
             out_dir=out,
             progress=progress,
         )
-        if progress:
+        if progress and entry.accuracy:
             tqdm.write(
                 f"teacher {spec.name}: {entry.parameters:,} params, held-out accuracy "
                 f"{entry.accuracy['accuracy']:.3f} ({entry.accuracy['train_s']:.0f} s)"

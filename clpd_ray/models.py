@@ -13,6 +13,7 @@ from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
     LlamaConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Qwen2Config,
@@ -34,6 +35,7 @@ def build_model(
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
+    config: PretrainedConfig
     if spec.arch == "gpt2":
         config = GPT2Config(
             n_layer=spec.n_layer,

@@ -94,7 +94,7 @@ def generate_texts(
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         ids, attn = encode_prompts(tokenizer, [prompts[i] for i in idx])
-        gen = model.generate(
+        gen = model.generate(  # type: ignore[operator]
             input_ids=torch.as_tensor(ids, device=device),
             attention_mask=torch.as_tensor(attn, device=device),
             max_new_tokens=max_new_tokens,

@@ -50,15 +50,19 @@ def _embedded(config: Config) -> tuple[list[Example], list[Example], list[Exampl
 def _external(config: Config) -> tuple[list[Example], list[Example], list[Example]]:
     d = config.data
     assert d.path is not None
-    kwargs = {
-        "prompt_field": d.prompt_field,
-        "cot_field": d.cot_field,
-        "answer_field": d.answer_field,
-        "cot_steps": d.cot_steps,
-    }
-    examples = load_examples(d.path, **kwargs)
+
+    def load(path: str) -> list[Example]:
+        return load_examples(
+            path,
+            prompt_field=d.prompt_field,
+            cot_field=d.cot_field,
+            answer_field=d.answer_field,
+            cot_steps=d.cot_steps,
+        )
+
+    examples = load(d.path)
     if d.eval_path:
-        held_out = load_examples(d.eval_path, **kwargs)
+        held_out = load(d.eval_path)
         train = examples
     else:
         train, held_out = train_eval_split(examples, d.eval_fraction, config.seed)

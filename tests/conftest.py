@@ -56,7 +56,12 @@ def tiny_config(ladder_cache):
         raw = {
             "seed": 0,
             "task": {"max_difficulty": 3, "train_size": 300, "eval_size": 30},
-            "teachers": {"ladder": TINY_LADDER, "cache_dir": str(ladder_cache), "top_k": 8, "batch_size": 16},
+            "teachers": {
+                "ladder": TINY_LADDER,
+                "cache_dir": str(ladder_cache),
+                "top_k": 8,
+                "batch_size": 16,
+            },
             "student": {"n_layer": 1, "n_embd": 16, "n_head": 2},
             "curriculum": {"num_stages": 3},
             "scheduler": {"policy": "clpd", "probe_every": 10, "probe_size": 4},

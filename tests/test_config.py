@@ -209,22 +209,12 @@ def test_top_level_must_be_a_mapping(tmp_path):
     assert str(path) in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG clpd_ray/config.py load_config: with overrides, a non-mapping YAML file is "
-    "silently replaced by {} ('if not isinstance(raw, dict): raw = {}') instead of raising",
-)
 def test_top_level_must_be_a_mapping_with_overrides(tmp_path):
     path = _write(tmp_path, "- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(path, ["seed=1"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG clpd_ray/config.py: pydantic lax mode coerces YAML booleans into int fields "
-    "(train.total_steps=true becomes 1) instead of a wrong-type ConfigError",
-)
 def test_boolean_for_int_field_is_wrong_type():
     with pytest.raises(ConfigError, match=r"train\.total_steps"):
         load_config(None, ["train.total_steps=true"])

@@ -59,7 +59,10 @@ def test_clpd_run_writes_the_contract_and_follows_the_schedule(ray_cluster, tiny
 
 def test_sequence_level_kd_runs(ray_cluster, tiny_config, tmp_path):
     config = tiny_config(
-        "distill.objective=sequence", "train.total_steps=6", "scheduler.probe_every=3", "train.checkpoint_every=0"
+        "distill.objective=sequence",
+        "train.total_steps=6",
+        "scheduler.probe_every=3",
+        "train.checkpoint_every=0",
     )
     summary = run_distillation(config, tmp_path / "seq", progress=False)
     metrics = _jsonl(tmp_path / "seq" / "metrics.jsonl")

@@ -98,11 +98,6 @@ def test_trains_writes_and_reloads_from_cache(tmp_path, tok, data, monkeypatch):
         assert json.loads(json.dumps(e.accuracy)) == json.loads(json.dumps(first.accuracy))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG clpd_ray/ladder.py: a freshly trained LadderEntry has int by_difficulty keys, a "
-    "cached one (json-loaded accuracy.json) has str keys, so entries differ by cache state",
-)
 def test_cached_entries_equal_fresh_entries(tmp_path, tok, data):
     cfg = _config(tmp_path, teachers=TEACHERS[:1])
     assert _ensure(cfg, tok, data) == _ensure(cfg, tok, data)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import ray
+from conftest import TINY_LADDER
 
 from clpd_ray.actors.launcher import Launcher
 from clpd_ray.workload import build_workload
-from conftest import TINY_LADDER
 
 pytestmark = pytest.mark.ray
 
@@ -17,7 +17,12 @@ def test_each_teacher_and_the_student_own_a_distinct_gpu(ray_cluster, tiny_confi
 
     config = tiny_config(teachers={"ladder": TINY_LADDER[:2]}, curriculum={"num_stages": 2})
     workload = build_workload(config, progress=False)
-    launcher = Launcher(config, [str(e.path) for e in workload.ladder], str(workload.tokenizer_dir), run_id="placement")
+    launcher = Launcher(
+        config,
+        [str(e.path) for e in workload.ladder],
+        str(workload.tokenizer_dir),
+        run_id="placement",
+    )
     assert launcher.use_gpu
     try:
         actors = launcher.start("clpd", None)
@@ -29,6 +34,8 @@ def test_each_teacher_and_the_student_own_a_distinct_gpu(ray_cluster, tiny_confi
         # Named in the clpd namespace, as the dashboard shows them.
         named = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
         assert {"teacher-t0", "teacher-t1", "student", "scheduler"} <= named
-        assert "TeacherService(t0" in repr(ray.get(actors.teachers[0].__ray_call__.remote(lambda self: repr(self))))
+        assert "TeacherService(t0" in repr(
+            ray.get(actors.teachers[0].__ray_call__.remote(lambda self: repr(self)))
+        )
     finally:
         launcher.shutdown()

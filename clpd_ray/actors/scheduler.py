@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import PreTrainedModel
 
 from clpd_ray.actors.device import pick_device, set_threads
-from clpd_ray.batching import encode_examples
+from clpd_ray.batching import Encoded, encode_examples
 from clpd_ray.config import ModelSpec
 from clpd_ray.example import Example
 from clpd_ray.losses import sparse_kd_loss
@@ -57,8 +58,8 @@ class SchedulerService:
         self.teacher_probe_targets: list[list[TeacherTargets]] = []
         self._student_spec = student_spec
         self._tokenizer_dir = tokenizer_dir
-        self._probe_model: torch.nn.Module | None = None
-        self._encoded = None
+        self._probe_model: PreTrainedModel | None = None
+        self._encoded: list[Encoded] | None = None
         self.busy_s = 0.0
 
     def __repr__(self) -> str:
@@ -100,11 +101,11 @@ class SchedulerService:
         self.max_new_tokens = max_new_tokens
         self._encoded = None
 
-    def _model(self) -> torch.nn.Module:
+    def _model(self) -> PreTrainedModel:
         if self._probe_model is None:
             self.tokenizer = load_tokenizer(self._tokenizer_dir)
             self._probe_model = (
-                make_model(self._student_spec, self.tokenizer).to(self.device).eval()
+                make_model(self._student_spec, self.tokenizer).to(self.device).eval()  # type: ignore[arg-type]
             )
             self._encoded = [encode_examples(self.tokenizer, p) for p in self.probe_sets]
         return self._probe_model
@@ -117,7 +118,7 @@ class SchedulerService:
         start = time.perf_counter()
         model = self._model()
         model.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()}, strict=False)
-        results = []
+        results: list[ProbeResult] = []
         assert self._encoded is not None
         for s, (examples, enc) in enumerate(zip(self.probe_sets, self._encoded, strict=True)):
             batch = to_torch(enc, self.device)

@@ -46,7 +46,7 @@ class StudentTrainer:
         self.tokenizer = load_tokenizer(tokenizer_dir)
         self.vocab_size = len(self.tokenizer)
         torch.manual_seed(config.seed)
-        self.model = make_model(config.student, self.tokenizer, seed=config.seed).to(self.device)
+        self.model = make_model(config.student, self.tokenizer, seed=config.seed).to(self.device)  # type: ignore[arg-type]
         self.model.train()
         s = config.student
         self.opt, self.sched = make_optimizer(
@@ -113,7 +113,7 @@ class StudentTrainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
-        lr = self.sched.get_last_lr()[0]
+        lr = float(self.sched.get_last_lr()[0])
         self.sched.step()
         self.step += 1
         elapsed = time.perf_counter() - start

@@ -44,7 +44,7 @@ class TeacherService:
         self.index = index
         self.device = pick_device()
         self.tokenizer = load_tokenizer(model_dir)
-        self.model = load_causal_lm(model_dir).to(self.device).eval()
+        self.model = load_causal_lm(model_dir).to(self.device).eval()  # type: ignore[arg-type]
         self.vocab_size = len(self.tokenizer)
         self.top_k = min(top_k, self.vocab_size)
         self.temperature = temperature
