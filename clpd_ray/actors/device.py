@@ -7,6 +7,8 @@ CPU machine (``ray.init(num_gpus=3)``) are assigned like real ones but fall back
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 __all__ = ["assigned_gpu_ids", "pick_device", "set_threads"]
@@ -22,7 +24,14 @@ def assigned_gpu_ids() -> list[str]:
 
 
 def pick_device() -> torch.device:
-    """cuda:0 (Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU) when one is assigned and real."""
+    """cuda:0 (Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU) when one is assigned and real.
+
+    ``CLPD_DEVICE`` (e.g. ``cpu``, ``cuda``) overrides the choice, for running the actor classes
+    in-process on a GPU (benchmarks/gpu_check.py) or forcing the CPU.
+    """
+    forced = os.environ.get("CLPD_DEVICE")
+    if forced:
+        return torch.device(forced)
     if assigned_gpu_ids() and torch.cuda.is_available():
         return torch.device("cuda", 0)
     return torch.device("cpu")
