@@ -293,6 +293,28 @@ def test_standard_kd_never_changes():
     }
 
 
+@pytest.mark.parametrize("teacher", [0, 1, 2])
+def test_standard_kd_teacher_kwarg_fixes_the_teacher(teacher):
+    policy = resolve_policy("standard_kd", {"teacher": teacher})
+    decisions = run_fixed(policy, stages=3, teachers=3)
+    assert {(d.stage, d.teacher) for d in decisions} == {(0, teacher)}
+    which = "strongest teacher" if teacher == 2 else "fixed teacher"
+    assert f"{which} {teacher}" in decisions[0].reason
+    # None is the default: the strongest, whatever the ladder's length.
+    assert {d.teacher for d in run_fixed(StandardKDPolicy(teacher=None), teachers=4)} == {3}
+
+
+@pytest.mark.parametrize("bad", [-1, 1.0, True, "t0"])
+def test_standard_kd_rejects_a_bad_teacher_at_construction(bad):
+    with pytest.raises(PolicyError, match=rf"teacher={bad!r} must be a ladder index"):
+        resolve_policy("standard_kd", {"teacher": bad})
+
+
+def test_standard_kd_rejects_a_teacher_outside_the_ladder_at_bind():
+    with pytest.raises(PolicyError, match=r"teacher=3 is out of range for a ladder of 3"):
+        bound(StandardKDPolicy(teacher=3))
+
+
 def test_random_curriculum_has_clpds_pacing():
     clpd = run_fixed(ClpdPolicy(boundaries=[20, 45]))
     rand = run_fixed(RandomCurriculumPolicy(boundaries=[20, 45]))

@@ -1,0 +1,358 @@
+"""``clpd ablate`` / ``clpd report``: planning and bad input without Ray, then a 2-arm x 2-seed
+ablation end to end (concurrent runs), checked against scipy, resumed, and re-reported."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TINY_LADDER
+from scipy import stats as sps
+
+from clpd_ray.ablate import _run_threads, default_parallel, plan_runs, run_ablation, runs_that_fit
+from clpd_ray.arms import DEFAULT_ARMS, parse_arms, run_config, single_arm_map
+from clpd_ray.cli import main
+from clpd_ray.errors import ClpdError
+
+
+def _write(tmp_path: Path, config) -> Path:
+    p = tmp_path / "ablate.yaml"
+    p.write_text(yaml.safe_dump(config.to_dict()))
+    return p
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+# -- planning, without Ray ------------------------------------------------------------------
+
+
+def test_parse_arms_builtins_and_single_teachers(tiny_config):
+    config = tiny_config()
+    arms = parse_arms(list(DEFAULT_ARMS), config, single_teachers=True)
+    names = [a.name for a in arms]
+    # standard_kd already distils from the strongest rung, so only the weaker ones are added.
+    assert names == [*DEFAULT_ARMS, "single:t0", "single:t1"]
+    by = {a.name: a for a in arms}
+    assert (by["single:t0"].policy, by["single:t0"].kwargs) == ("standard_kd", {"teacher": 0})
+    assert by["standard_kd"].teacher == "t2" and by["clpd"].teacher is None
+    assert by["single:t1"].slug == "single_t1"
+    alone = parse_arms(["clpd"], config, single_teachers=True)
+    assert [a.name for a in alone] == ["clpd", "single:t0", "single:t1", "single:t2"]
+
+
+def test_config_kwargs_go_only_to_their_own_policy(tiny_config):
+    config = tiny_config("scheduler.policy=adaptive", "scheduler.kwargs.patience=7")
+    by = {a.name: a for a in parse_arms(["adaptive", "clpd"], config)}
+    assert by["adaptive"].kwargs == {"patience": 7} and by["clpd"].kwargs == {}
+
+
+def test_run_config_sets_seed_and_policy_only(tiny_config):
+    base = tiny_config()
+    [arm] = parse_arms(["single:t1"], base)
+    cfg = run_config(base, arm, 4)
+    assert cfg.seed == 4
+    assert (cfg.scheduler.policy, cfg.scheduler.kwargs) == ("standard_kd", {"teacher": 1})
+    strip = {"seed", "scheduler"}
+    assert {k: v for k, v in cfg.to_dict().items() if k not in strip} == {
+        k: v for k, v in base.to_dict().items() if k not in strip
+    }
+
+
+def test_plan_is_seed_major_with_one_directory_per_run(tiny_config):
+    arms = parse_arms(["clpd", "single:t0"], tiny_config())
+    plan = plan_runs(arms, [0, 1])
+    assert [(r.arm.name, r.seed, r.rel) for r in plan] == [
+        ("clpd", 0, "runs/clpd/seed-0"),
+        ("single:t0", 0, "runs/single_t0/seed-0"),
+        ("clpd", 1, "runs/clpd/seed-1"),
+        ("single:t0", 1, "runs/single_t0/seed-1"),
+    ]
+
+
+def test_single_arm_map():
+    ladder = ["t0", "t1", "t2"]
+    teachers = {"clpd": None, "standard_kd": "t2", "single:t0": "t0"}
+    assert single_arm_map(teachers, ladder) == {"t0": "single:t0", "t2": "standard_kd"}
+    assert single_arm_map({"clpd": None, "standard_kd": "t2"}, ladder) == {}
+
+
+def _fake_summary(accuracy: float) -> dict:
+    student = {"accuracy": accuracy, "accuracy_by_difficulty": {"1": accuracy}, "n": 10}
+    return {
+        "policy": "clpd",
+        "steps": 6,
+        "wall_s": 1.0,
+        "train_wall_s": 0.5,
+        "run_id": "x",
+        "student": student,
+    }
+
+
+def test_a_failed_run_stops_new_ones_and_keeps_the_finished(tmp_path, tiny_config):
+    plan = plan_runs(parse_arms(["clpd"], tiny_config()), [0, 1, 2])
+    started = []
+
+    def one(run):
+        started.append(run.seed)
+        if run.seed == 1:
+            raise ClpdError("boom")
+        return _fake_summary(0.5)
+
+    finished: dict = {}
+    lines: list[str] = []
+    errors = _run_threads(plan, one, 1, tmp_path, finished, (0, 3), lines.append)
+    assert started == [0, 1]  # seed 2 never starts
+    assert [(r.seed, str(e)) for r, e in errors] == [(1, "boom")]
+    assert list(finished) == [("clpd", 0)]
+    assert [r["seed"] for r in _jsonl(tmp_path / "results.jsonl")] == [0]
+    assert lines[0].startswith("[1/3] clpd") and lines[1].startswith("[failed] clpd seed 1")
+
+
+def test_finished_runs_are_read_not_redone_and_invocations_add_up(tmp_path, tiny_config):
+    # Runs finished earlier (as run_distillation leaves them) in an ablation directory: a rerun
+    # needs neither Ray nor the workload, and a narrower rerun keeps the other arms' results.
+    config = tiny_config()
+    out = tmp_path / "abl"
+    arms = parse_arms(["clpd", "standard_kd"], config)
+    plan = plan_runs(arms, [0, 1])
+    for i, run in enumerate(plan):
+        run.path(out).mkdir(parents=True)
+        (run.path(out) / "summary.json").write_text(json.dumps(_fake_summary(0.1 * i)))
+    manifest = {"config": config.to_dict(), "runs": [[r.arm.name, r.seed] for r in plan]}
+    (out / "ablation.json").write_text(json.dumps(manifest))
+    mtimes = {r.rel: (r.path(out) / "summary.json").stat().st_mtime_ns for r in plan}
+
+    lines: list[str] = []
+    for _ in range(2):
+        summary = run_ablation(config, out, arms, [0, 1], log=lines.append)
+    assert (
+        lines == ["ablation: 2 arms x 2 seeds = 4 runs; 4 done before, 0 to run -> " + str(out)] * 2
+    )
+    rows = _jsonl(out / "results.jsonl")
+    assert [(r["arm"], r["seed"], r["accuracy"]) for r in rows] == [
+        ("clpd", 0, 0.0),
+        ("standard_kd", 0, 0.1),
+        ("clpd", 1, 0.2),
+        ("standard_kd", 1, pytest.approx(0.3)),
+    ]
+    assert {r.rel: (r.path(out) / "summary.json").stat().st_mtime_ns for r in plan} == mtimes
+    assert summary["arms"]["clpd"]["n"] == 2 and summary["comparisons"][0]["n"] == 2
+
+    # Asking for one arm again keeps the other's results in results.jsonl and the report; where
+    # the runs execute (cluster.*) is not part of what must match.
+    moved = tiny_config("cluster.num_cpus=2")
+    summary = run_ablation(moved, out, arms[:1], [0, 1], log=lines.append)
+    assert lines[-1].startswith("ablation: 1 arms x 2 seeds = 2 runs; 2 done before, 0 to run")
+    assert len(_jsonl(out / "results.jsonl")) == 4 and list(summary["arms"]) == [
+        "clpd",
+        "standard_kd",
+    ]
+    assert json.loads((out / "ablation.json").read_text())["runs"] == manifest["runs"]
+
+
+@pytest.mark.parametrize(
+    ("names", "needle"),
+    [
+        (["clpd", "nope"], "unknown arm 'nope'"),
+        (["single:t9"], "no teacher 't9'"),
+        (["clpd", "clpd"], "more than once"),
+        (["clpd", ""], "empty entry"),
+    ],
+)
+def test_parse_arms_rejects_bad_names(tiny_config, names, needle):
+    with pytest.raises(ClpdError, match=needle):
+        parse_arms(names, tiny_config())
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--arms", "clpd,bogus"], "unknown arm 'bogus'"),
+        (["--seeds", "0"], "--seeds 0"),
+        (["--parallel", "0"], "--parallel 0"),
+        (["--arms", "clpd", "--set", "curriculum.num_stages=2"], "as many stages as teachers"),
+    ],
+)
+def test_bad_ablate_input_exits_2_before_any_run(tmp_path, tiny_config, capsys, argv, needle):
+    out = tmp_path / "abl"
+    assert main(["ablate", str(_write(tmp_path, tiny_config())), "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("clpd: error:") and needle in err and "Traceback" not in err
+    assert not (out / "runs").exists()
+
+
+def test_ablate_refuses_a_foreign_directory(tmp_path, tiny_config, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["ablate", str(_write(tmp_path, tiny_config())), "--out", str(out)]) == 2
+    assert "not an ablation directory" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_report_of_a_missing_directory_exits_2(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "none")]) == 2
+    assert "results.jsonl does not exist" in capsys.readouterr().err
+
+
+# -- end to end on the shared local Ray cluster ---------------------------------------------
+
+
+@pytest.mark.ray
+def test_default_parallel_follows_the_launchers_bundles(ray_cluster, tiny_config):
+    # 2 CPUs, 3 logical GPUs. Three teachers + student need 4 GPUs, so bundles are CPU shares:
+    # 5 x 0.2 CPU = 1 CPU a run, 2 fit, capped at CPUs // 2 = 1.
+    assert (runs_that_fit(tiny_config()), default_parallel(tiny_config())) == (2, 1)
+    # Two teachers + student get a logical GPU each: one run at a time.
+    two = tiny_config(teachers={"ladder": TINY_LADDER[:2]}, curriculum={"num_stages": 2})
+    assert runs_that_fit(two) == 1
+
+
+QUICK = [
+    "--quick",
+    "--set",
+    "train.total_steps=6",
+    "--set",
+    "scheduler.probe_every=3",
+    "--set",
+    "train.log_every=2",
+    "--set",
+    "train.checkpoint_every=0",
+]
+
+
+def _check_against_scipy(out: Path) -> None:
+    """summary.json's means, 95% t-intervals and paired t-test, recomputed by scipy from
+    results.jsonl (identical values: the zero-width interval; identical differences: no p-value
+    when all zero, else p = 0)."""
+    rows = _jsonl(out / "results.jsonl")
+    summary = json.loads((out / "summary.json").read_text())
+    acc: dict[str, dict[int, float]] = {}
+    for r in rows:
+        acc.setdefault(r["arm"], {})[r["seed"]] = r["accuracy"]
+    assert list(summary["arms"]) == list(acc)
+    for arm, by_seed in acc.items():
+        x = [by_seed[s] for s in sorted(by_seed)]
+        mean, sem = sum(x) / len(x), sps.sem(x)
+        ci = [mean, mean] if sem == 0 else list(sps.t.interval(0.95, len(x) - 1, mean, sem))
+        got = summary["arms"][arm]
+        assert got["n"] == len(x)
+        assert got["mean"] == pytest.approx(mean)
+        assert got["ci95"] == pytest.approx(ci)
+    seeds = sorted(acc["clpd"])
+    xa, xb = [acc["clpd"][s] for s in seeds], [acc["standard_kd"][s] for s in seeds]
+    diff = [u - v for u, v in zip(xa, xb, strict=True)]
+    test = sps.ttest_rel(xa, xb)
+    if all(d == 0 for d in diff):
+        p = None
+    else:
+        p = 0.0 if math.isinf(test.statistic) else float(test.pvalue)
+    [c] = summary["comparisons"]
+    assert (c["a"], c["b"], c["n"]) == ("clpd", "standard_kd", len(seeds))
+    assert c["mean_diff"] == pytest.approx(sum(diff) / len(diff))
+    assert c["p_value"] == pytest.approx(p)
+    assert "ttest_rel" in c["test"] and "effect_size" in c
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ablation_end_to_end_resume_and_report(ray_cluster, tmp_path, tiny_config, capsys):
+    # Two rungs (4 actors a run: actor start-up, not training, is what a run costs here).
+    # CPU bundles: the session cluster's 3 logical GPUs would place one such run at a time.
+    config = tiny_config(
+        teachers={"ladder": TINY_LADDER[:2]},
+        curriculum={"num_stages": 2},
+        cluster={"gpus_per_actor": 0},
+    )
+    out = tmp_path / "abl"
+    argv = ["ablate", str(_write(tmp_path, config)), "--arms", "clpd,standard_kd", "--out"]
+    argv += [str(out), "--parallel", "2", *QUICK]
+
+    # 1. One seed: two runs at once; n = 1 has no interval and no test, and says so.
+    assert main([*argv, "--seeds", "1"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "2 arms x 1 seeds = 2 runs; 0 done before, 2 to run, 2 at a time" in printed
+    assert "warning" not in printed  # two runs fit the 2-CPU cluster at once
+    assert "[2/2]" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["arms"]["clpd"]["ci95"] is None
+    assert summary["comparisons"][0]["p_value"] is None
+    seed0 = {
+        r["run_dir"]: (out / r["run_dir"] / "summary.json").stat().st_mtime_ns
+        for r in _jsonl(out / "results.jsonl")
+    }
+
+    # 2. Extend to two seeds over a run left half-done (a directory without summary.json):
+    #    finished runs are kept as they are, the half-done one is cleared and run again.
+    cut = out / "runs/standard_kd/seed-1"
+    cut.mkdir(parents=True)
+    (cut / "stale.txt").write_text("from an interrupted run")
+    assert main([*argv, "--seeds", "2"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "2 arms x 2 seeds = 4 runs; 2 done before, 2 to run" in printed
+    assert "[3/4]" in printed and "[4/4]" in printed  # a progress line per finished run
+    for rel, mtime in seed0.items():
+        assert (out / rel / "summary.json").stat().st_mtime_ns == mtime, rel
+    assert not (cut / "stale.txt").exists() and (cut / "summary.json").is_file()
+
+    rows = _jsonl(out / "results.jsonl")
+    assert [(r["arm"], r["seed"]) for r in rows] == [
+        ("clpd", 0),
+        ("standard_kd", 0),
+        ("clpd", 1),
+        ("standard_kd", 1),
+    ]
+    for r in rows:
+        assert {"accuracy", "accuracy_by_difficulty", "run_dir", "wall_s"} <= r.keys()
+        run = out / r["run_dir"]
+        assert r["steps"] == 6 and (run / "summary.json").is_file()
+        cfg_run = yaml.safe_load((run / "config.yaml").read_text())
+        assert cfg_run["seed"] == r["seed"] and cfg_run["scheduler"]["policy"] == r["arm"]
+        assert set(r["accuracy_by_difficulty"]) == {"1", "2", "3"}
+    decisions = _jsonl(out / "runs/clpd/seed-1/decisions.jsonl")
+    assert [d["teacher"] for d in decisions] == ["t0", "t1"]
+    assert {d["teacher"] for d in _jsonl(out / "runs/standard_kd/seed-1/decisions.jsonl")} == {"t1"}
+    _check_against_scipy(out)
+
+    report = (out / "report.md").read_text()
+    assert "## Paired comparisons" in report and "runs/clpd/seed-1" in report
+    figures = {p.name for p in (out / "figures").iterdir()}
+    assert figures == {
+        "accuracy.png",
+        "accuracy_by_difficulty.png",
+        "schedule_clpd.png",
+        "teachers_by_difficulty.png",
+    }
+    for name in figures:
+        assert (out / "figures" / name).read_bytes()[:4] == b"\x89PNG"
+
+    # 3. Finished: a rerun runs nothing and duplicates no row; another config is refused.
+    assert main([*argv, "--seeds", "2"]) == 0
+    assert "4 done before, 0 to run" in capsys.readouterr().out
+    assert len(_jsonl(out / "results.jsonl")) == 4
+    assert main([*argv, "--seeds", "2", "--set", "train.total_steps=7"]) == 2
+    assert "different config (differs at train.total_steps)" in capsys.readouterr().err
+
+    # 4. `clpd report` rebuilds summary.json, report.md and figures from the files alone.
+    before = json.loads((out / "summary.json").read_text())
+    for name in ("summary.json", "report.md"):
+        (out / name).unlink()
+    shutil.rmtree(out / "figures")
+    assert main(["report", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text()) == before
+    assert (out / "report.md").is_file() and (out / "figures" / "schedule_clpd.png").is_file()
+
+    # The scipy check again with non-degenerate numbers: a few-step student scores ~0
+    # everywhere, so give results.jsonl hand-made accuracies and let `clpd report` recompute.
+    made = {("clpd", 0): 0.5, ("clpd", 1): 0.7, ("standard_kd", 0): 0.4, ("standard_kd", 1): 0.45}
+    edited = [{**r, "accuracy": made[(r["arm"], r["seed"])]} for r in rows]
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in edited))
+    assert main(["report", str(out)]) == 0
+    _check_against_scipy(out)
+    assert json.loads((out / "summary.json").read_text())["comparisons"][0]["p_value"] > 0
