@@ -1,4 +1,4 @@
-"""The ``clpd`` command line: demo, run, validate, ladder.
+"""The ``clpd`` command line: demo, run, validate, ladder, ablate, report.
 
 Exit codes: 0 success, 2 bad input (config, data, arguments, policy) with one message naming the
 cause and the fix and no traceback, 1 internal error (with traceback), 130 interrupted.
@@ -80,9 +80,21 @@ def _print_result(summary: dict, out: Path) -> None:
     print(f"\nrun directory: {out}")
 
 
-def cmd_run(args: argparse.Namespace, config_path: str | Path) -> int:
-    from clpd_ray.run import run_distillation
+def cmd_run(args: argparse.Namespace, config_path: str | Path | None) -> int:
+    from clpd_ray.run import resume_distillation, run_distillation
 
+    resume = getattr(args, "resume", None)
+    if resume is not None:
+        given = {"--set": args.set, "--out": args.out, "--quick": args.quick}
+        extra = [name for name, value in given.items() if value]
+        if extra:
+            raise ClpdError(
+                f"--resume {resume} continues that run with its own config.yaml; drop "
+                f"{', '.join(extra)} (a run cannot change its config midway)"
+            )
+        summary = resume_distillation(resume, address=getattr(args, "address", None))
+        _print_result(summary, Path(resume))
+        return 0
     config = _load(config_path, args.set or [], args.quick)
     out = Path(args.out) if args.out else _default_out(config)
     summary = run_distillation(config, out, address=getattr(args, "address", None))
@@ -113,6 +125,36 @@ def cmd_ladder(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from clpd_ray.ablate import run_ablation
+    from clpd_ray.arms import DEFAULT_ARMS, parse_arms
+
+    if args.seeds < 1:
+        raise ClpdError(f"--seeds {args.seeds}: an ablation needs at least one seed per arm")
+    config = _load(args.config, args.set or [], args.quick)
+    names = args.arms.split(",") if args.arms is not None else list(DEFAULT_ARMS)
+    arms = parse_arms(names, config, single_teachers=args.single_teachers)
+    out = (
+        Path(args.out) if args.out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-ablation"
+    )
+    summary = run_ablation(
+        config, out, arms, range(args.seeds), parallel=args.parallel, address=args.address
+    )
+    for arm, a in summary["arms"].items():
+        ci = "n/a" if a["ci95"] is None else f"[{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
+        print(f"{arm:<24} n={a['n']}  accuracy {a['mean']:.3f}  95% CI {ci}")
+    print(f"\nreport: {out / 'report.md'} (resume or extend: rerun with --out {out})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from clpd_ray.report import write_report
+
+    write_report(args.dir)
+    print(f"wrote {Path(args.dir) / 'summary.json'}, report.md and figures/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="clpd", description="Curriculum Learning-Guided Progressive Distillation on Ray"
@@ -132,7 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the embedded default end to end on local Ray")
     common(d)
     r = sub.add_parser("run", help="run any config")
-    r.add_argument("config")
+    what = r.add_mutually_exclusive_group(required=True)  # a config, or a run to continue
+    what.add_argument("config", nargs="?")
+    what.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a stopped run from its last checkpoint (same config, same final result)",
+    )
     common(r)
     r.add_argument(
         "--address",
@@ -148,6 +196,35 @@ def build_parser() -> argparse.ArgumentParser:
     lad.add_argument("--set", action="append", metavar="KEY=VALUE")
     lad.add_argument("--quick", action="store_true")
     lad.add_argument("--json", action="store_true")
+    ab = sub.add_parser(
+        "ablate", help="run arms x seeds on the same data and teachers; resumable; then report"
+    )
+    ab.add_argument("config")
+    ab.add_argument(
+        "--arms",
+        help="comma-separated built-in policies and single:<teacher> arms (default: the six "
+        "built-ins)",
+    )
+    ab.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per arm (default 3)")
+    ab.add_argument(
+        "--single-teachers",
+        action="store_true",
+        help="add single:<teacher> arms: standard KD from each rung of the ladder",
+    )
+    ab.add_argument(
+        "--parallel", type=int, help="runs at once (default: as many as the cluster fits)"
+    )
+    ab.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    ab.add_argument(
+        "--out",
+        help="ablation directory; an existing one is resumed (default: runs/<time>-ablation)",
+    )
+    ab.add_argument("--quick", action="store_true", help="shrink budgets to a smoke test")
+    ab.add_argument("--address", help="Ray address to join; default: start a local one")
+    rep = sub.add_parser(
+        "report", help="rewrite an ablation's summary.json, report.md and figures from its files"
+    )
+    rep.add_argument("dir")
     return p
 
 
@@ -160,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args, args.config)
         if args.command == "validate":
             return cmd_validate(args)
+        if args.command == "ablate":
+            return cmd_ablate(args)
+        if args.command == "report":
+            return cmd_report(args)
         return cmd_ladder(args)
     except ClpdError as err:
         print(f"clpd: error: {err}", file=sys.stderr)

@@ -21,7 +21,9 @@ def _write(tmp_path: Path, config, name: str = "c.yaml") -> Path:
 
 
 def test_validate_accepts_the_demo_config(capsys):
-    assert main(["validate", str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")]) == 0
+    assert (
+        main(["validate", str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")]) == 0
+    )
     assert "valid" in capsys.readouterr().out
 
 
@@ -72,11 +74,22 @@ def test_existing_out_is_refused_and_left_untouched(tmp_path, tiny_config, capsy
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_run_with_a_user_policy_from_outside_the_package(ray_cluster, tmp_path, tiny_config, monkeypatch, capsys):
+def test_run_with_a_user_policy_from_outside_the_package(
+    ray_cluster, tmp_path, tiny_config, monkeypatch, capsys
+):
     monkeypatch.syspath_prepend(str(EXAMPLES))
     cfg = _write(tmp_path, tiny_config("train.total_steps=12", "train.checkpoint_every=0"))
     out = tmp_path / "run"
-    rc = main(["run", str(cfg), "--out", str(out), "--set", "scheduler.policy=custom_policy:CompetencePolicy"])
+    rc = main(
+        [
+            "run",
+            str(cfg),
+            "--out",
+            str(out),
+            "--set",
+            "scheduler.policy=custom_policy:CompetencePolicy",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "student" in printed and "t2" in printed  # the accuracy table
@@ -92,9 +105,14 @@ def test_every_builtin_policy_completes_a_run(ray_cluster, tmp_path, tiny_config
     from clpd_ray.run import run_distillation
 
     config = tiny_config(
-        f"scheduler.policy={policy}", "train.total_steps=12", "scheduler.probe_every=4", "train.checkpoint_every=0"
+        f"scheduler.policy={policy}",
+        "train.total_steps=12",
+        "scheduler.probe_every=4",
+        "train.checkpoint_every=0",
     )
     summary = run_distillation(config, tmp_path / policy, progress=False)
     assert summary["policy"] == policy and summary["steps"] == 12
-    decisions = [json.loads(x) for x in (tmp_path / policy / "decisions.jsonl").read_text().splitlines()]
+    decisions = [
+        json.loads(x) for x in (tmp_path / policy / "decisions.jsonl").read_text().splitlines()
+    ]
     assert decisions[0]["step"] == 0 and all(d["reason"] for d in decisions)

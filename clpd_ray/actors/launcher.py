@@ -8,6 +8,12 @@ When the cluster advertises the custom resources ``teacher_slot`` / ``student_sl
 
 Names: ``teacher-<name>``, ``student``, ``scheduler`` in namespace ``clpd`` (suffixed with the run
 tag when several runs share a cluster), visible in the dashboard's Actors view.
+
+Fault tolerance (see docs/reliability.md): teachers are stateless, so Ray restarts them and re-runs
+their in-flight requests (``max_restarts=-1, max_task_retries=-1``). The student and the scheduler
+hold state, so Ray restarts them (``STATEFUL_MAX_RESTARTS``) but never re-runs a call
+(``max_task_retries=0``): the caller sees the failure and the controller restores them from the
+last checkpoint and replays from there.
 """
 
 from __future__ import annotations
@@ -25,10 +31,12 @@ from clpd_ray.actors.teacher import TeacherService
 from clpd_ray.config import Config
 from clpd_ray.errors import ClpdError
 
-__all__ = ["NAMESPACE", "Actors", "Launcher"]
+__all__ = ["NAMESPACE", "STATEFUL_MAX_RESTARTS", "Actors", "Launcher"]
 
 NAMESPACE = "clpd"
 _PG_TIMEOUT_S = 120
+# Restarts of the student and the scheduler in one run (each one replays from a checkpoint).
+STATEFUL_MAX_RESTARTS = 3
 
 
 @dataclass
@@ -113,12 +121,26 @@ class Launcher:
         c = self.config
         student = (
             ray.remote(StudentTrainer)
-            .options(**self._options(len(self.names), "student", max_restarts=0))
+            .options(
+                **self._options(
+                    len(self.names),
+                    "student",
+                    max_restarts=STATEFUL_MAX_RESTARTS,
+                    max_task_retries=0,
+                )
+            )
             .remote(c, self.tokenizer_dir, run_id=self.run_id)
         )
         scheduler = (
             ray.remote(SchedulerService)
-            .options(**self._options(len(self.names) + 1, "scheduler", max_restarts=0))
+            .options(
+                **self._options(
+                    len(self.names) + 1,
+                    "scheduler",
+                    max_restarts=STATEFUL_MAX_RESTARTS,
+                    max_task_retries=0,
+                )
+            )
             .remote(
                 policy,
                 policy_kwargs,
@@ -167,6 +189,11 @@ class Launcher:
         if handle is not None:
             ray.kill(handle, no_restart=True)
             self.actors.teachers[i] = None
+
+    def forget_teacher(self, i: int) -> None:
+        """Drop the handle of a teacher that is dead for good; :meth:`teacher` starts a new one."""
+        assert self.actors is not None
+        self.actors.teachers[i] = None
 
     def shutdown(self) -> None:
         if self.actors is not None:

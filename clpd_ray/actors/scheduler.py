@@ -7,6 +7,8 @@ the student's weights, off the student's critical path. Probe results feed later
 
 from __future__ import annotations
 
+import os
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from transformers import PreTrainedModel
 from clpd_ray.actors.device import pick_device, set_threads
 from clpd_ray.batching import Encoded, encode_examples
 from clpd_ray.config import ModelSpec
+from clpd_ray.errors import ClpdError, PolicyError
 from clpd_ray.example import Example
 from clpd_ray.losses import sparse_kd_loss
 from clpd_ray.messages import Decision, Observation, ProbeResult, TeacherTargets
@@ -75,9 +78,19 @@ class SchedulerService:
     def decide(self, obs: Observation) -> tuple[Decision, dict]:
         """The checked decision for ``obs`` and the policy state *before* it (for checkpoints)."""
         before = self.policy.state_dict()
-        decision = check_decision(
-            self.policy.name, self.policy.decide(obs), self.num_stages, len(self.teacher_names)
-        )
+        try:
+            raw = self.policy.decide(obs)
+        except ClpdError:
+            raise
+        except Exception as err:
+            if type(self.policy).__module__.startswith("clpd_ray."):
+                raise  # a bug in a built-in policy: an internal error, with its traceback
+            frame = traceback.extract_tb(err.__traceback__)[-1]
+            raise PolicyError(
+                f"policy {self.policy.name!r} raised {type(err).__name__}: {err} in decide() at "
+                f"step {obs.step} ({frame.filename}:{frame.lineno}); fix the policy"
+            ) from None
+        decision = check_decision(self.policy.name, raw, self.num_stages, len(self.teacher_names))
         self.metrics.schedule(
             decision.stage, decision.teacher, self.teacher_names[decision.teacher]
         )
@@ -87,6 +100,7 @@ class SchedulerService:
         return self.policy.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        """Put the policy back where a checkpoint left it (after a restart, resume or rewind)."""
         self.policy.load_state_dict(state)
 
     def set_probes(
@@ -107,6 +121,7 @@ class SchedulerService:
             self._probe_model = (
                 make_model(self._student_spec, self.tokenizer).to(self.device).eval()  # type: ignore[arg-type]
             )
+        if self._encoded is None:  # first probe, or set_probes again (after a recovery)
             self._encoded = [encode_examples(self.tokenizer, p) for p in self.probe_sets]
         return self._probe_model
 
@@ -150,3 +165,6 @@ class SchedulerService:
 
     def stats(self) -> dict:
         return {"busy_s": self.busy_s}
+
+    def pid(self) -> int:
+        return os.getpid()

@@ -45,6 +45,16 @@ class StudentTrainer:
         self.device = pick_device()
         self.tokenizer = load_tokenizer(tokenizer_dir)
         self.vocab_size = len(self.tokenizer)
+        self.busy_s = 0.0
+        self.metrics = RunMetrics(run_id)
+        self.reset()
+
+    def reset(self) -> int:
+        """The state before step 0: seeded model, fresh optimizer and LR schedule, seeded RNG.
+
+        ``__init__`` ends here, so a restarted actor and a reset one are the same.
+        """
+        config = self.config
         torch.manual_seed(config.seed)
         self.model = make_model(config.student, self.tokenizer, seed=config.seed).to(self.device)  # type: ignore[arg-type]
         self.model.train()
@@ -53,8 +63,7 @@ class StudentTrainer:
             self.model, s.lr, config.train.total_steps, s.warmup_steps, s.weight_decay
         )
         self.step = 0
-        self.busy_s = 0.0
-        self.metrics = RunMetrics(run_id)
+        return self.step
 
     def __repr__(self) -> str:
         return f"StudentTrainer(step={self.step}, device={self.device})"
@@ -145,31 +154,41 @@ class StudentTrainer:
         return str(path)
 
     def checkpoint(self, path: str | Path) -> str:
-        """Write model (safetensors), optimizer + LR schedule + RNG (torch, weights-only loadable)."""
+        """Write model (safetensors), optimizer + LR schedule + RNG (torch, weights-only loadable).
+
+        ``path`` is the run directory's temporary checkpoint directory; the controller renames it
+        into place once every file is written.
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         save_file(_untie(state), str(path / "student.safetensors"))
-        torch.save(
-            {
-                "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-            },
-            path / "student_optim.pt",
-        )
+        extra = {
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        if self.device.type == "cuda":
+            extra["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        torch.save(extra, path / "student_optim.pt")
         (path / "student.json").write_text(json.dumps({"step": self.step, "busy_s": self.busy_s}))
         return str(path)
 
-    def restore(self, path: str | Path) -> int:
+    def restore(self, path: str | Path | None) -> int:
+        """Load a :meth:`checkpoint` (``None``: :meth:`reset` to step 0); returns the step."""
+        if path is None:
+            return self.reset()
         path = Path(path)
         weights = load_file(str(path / "student.safetensors"), device=str(self.device))
         self.model.load_state_dict(weights, strict=False)
         self.model.tie_weights()
+        # weights_only: a checkpoint file never runs code when loaded.
         extra = torch.load(path / "student_optim.pt", weights_only=True, map_location=self.device)
         self.opt.load_state_dict(extra["optimizer"])
         self.sched.load_state_dict(extra["scheduler"])
         torch.set_rng_state(extra["torch_rng"].cpu())
+        if "cuda_rng" in extra and self.device.type == "cuda":
+            torch.cuda.set_rng_state(extra["cuda_rng"].cpu(), self.device)
         self.step = json.loads((path / "student.json").read_text())["step"]
         return self.step
 

@@ -1,0 +1,518 @@
+"""Fault tolerance: killed actors, a killed driver and a lost node end with the same student.
+
+The end-to-end tests compare the final student with an uninterrupted run of the same config,
+``torch.equal`` on every tensor: on CPU with fixed seeds recovery is exact, not merely close.
+The fast tests at the top check the pieces (student checkpoints, scheduler state, run-directory
+rewind, Ray settings) in-process.
+
+Run as a script (``python tests/test_faults.py node-loss CONFIG OUT``) this file is the node-loss
+scenario, which needs its own multi-node Ray cluster and so its own process.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+# 40 steps, a checkpoint every 10; the adaptive policy's decisions depend on probe results, so
+# an exact replay needs the probes restored too.
+FAULT_RUN = (
+    "train.total_steps=40",
+    "train.checkpoint_every=10",
+    "scheduler.policy=adaptive",
+    "scheduler.probe_every=10",
+)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def _student(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "student" / "model.safetensors"))
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    """Same final student (every tensor equal), same decisions, same metrics values and steps."""
+    a, b = _student(run), _student(reference)
+    assert a.keys() == b.keys()
+    unequal = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not unequal, f"tensors differ from the uninterrupted run: {unequal}"
+    assert _jsonl(run / "decisions.jsonl") == _jsonl(reference / "decisions.jsonl")
+    keys = ("step", "stage", "teacher", "loss", "kd_loss", "ce_loss", "lr")
+    metrics = [{k: m[k] for k in keys} for m in _jsonl(run / "metrics.jsonl")]
+    assert metrics == [{k: m[k] for k in keys} for m in _jsonl(reference / "metrics.jsonl")]
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == sorted(p.name for p in (reference / "checkpoints").iterdir())
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (run, reference))
+    assert sa["stages"] == sb["stages"] and sa["student"] == sb["student"]
+
+
+_BASELINES: dict[str, Path] = {}
+
+
+@pytest.fixture
+def uninterrupted(ray_cluster, tmp_path_factory):
+    """The run directory of an uninterrupted run of ``config`` (one per config per session)."""
+    from clpd_ray.run import run_distillation
+
+    def get(config) -> Path:
+        key = json.dumps(config.to_dict(), sort_keys=True)
+        if key not in _BASELINES:
+            out = tmp_path_factory.mktemp("uninterrupted") / "run"
+            run_distillation(config, out, progress=False)
+            _BASELINES[key] = out
+        return _BASELINES[key]
+
+    return get
+
+
+def _pid(handle) -> int:
+    import ray
+
+    return ray.get(handle.__ray_call__.remote(lambda self: os.getpid()))
+
+
+# ---------------------------------------------------------------------------- fast pieces
+
+
+def _tiny_trainer(tmp_path, config):
+    from clpd_ray.actors.student import StudentTrainer
+    from clpd_ray.tokenizer import build_char_tokenizer
+
+    tok_dir = tmp_path / "tok"
+    if not tok_dir.exists():
+        build_char_tokenizer().save_pretrained(tok_dir)
+    return StudentTrainer(config, tok_dir, threads=1)
+
+
+def _batches(n: int):
+    from clpd_ray.batching import encode_examples
+    from clpd_ray.messages import Batch
+    from clpd_ray.task import generate_examples
+    from clpd_ray.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    examples = generate_examples(8 * n, 3, 0, "train")
+    out = []
+    for i in range(n):
+        e = encode_examples(tok, examples[8 * i : 8 * i + 8])
+        out.append(
+            Batch(i, 0, e.input_ids, e.attention_mask, e.loss_mask, example_ids=np.arange(8))
+        )
+    return out
+
+
+def test_student_restore_continues_bit_for_bit(tmp_path, tiny_config):
+    """Model, optimizer, LR schedule, RNG and step come back from a checkpoint exactly."""
+    config = tiny_config("train.total_steps=6")
+    batches = _batches(6)
+    a = _tiny_trainer(tmp_path, config)
+    for b in batches[:3]:
+        a.train_step(b)
+    a.checkpoint(tmp_path / "ckpt")
+    rng_after_checkpoint = torch.get_rng_state()
+    expected = [a.train_step(b) for b in batches[3:]]
+    final = {k: v.clone() for k, v in a.model.state_dict().items()}
+
+    b = _tiny_trainer(tmp_path, config)  # a restarted actor: __init__ again, then restore
+    b.train_step(batches[0])  # state that restore must overwrite
+    torch.manual_seed(123)
+    assert b.restore(tmp_path / "ckpt") == 3
+    assert torch.equal(torch.get_rng_state(), rng_after_checkpoint)
+    got = [b.train_step(x) for x in batches[3:]]
+    assert [r.loss for r in got] == [r.loss for r in expected]
+    assert [r.lr for r in got] == [r.lr for r in expected]
+    assert all(torch.equal(v, final[k]) for k, v in b.model.state_dict().items())
+    assert b.step == 6
+
+    # No checkpoint yet: restore(None) is a fresh start, the same as a new actor's.
+    c = _tiny_trainer(tmp_path, config)
+    b.restore(None)
+    assert b.step == 0
+    assert all(torch.equal(v, c.model.state_dict()[k]) for k, v in b.model.state_dict().items())
+
+
+def test_scheduler_state_round_trip_gives_the_same_decisions(tmp_path, tiny_config):
+    """A restarted scheduler loaded with the saved policy state decides as the original would."""
+    from clpd_ray.actors.scheduler import SchedulerService
+    from clpd_ray.messages import Observation, ProbeResult
+    from clpd_ray.tokenizer import build_char_tokenizer
+
+    config = tiny_config()
+    build_char_tokenizer().save_pretrained(tmp_path / "tok")
+
+    def service():
+        return SchedulerService(
+            "adaptive",
+            {"min_steps_per_stage": 2},
+            num_stages=3,
+            teacher_names=["t0", "t1", "t2"],
+            total_steps=40,
+            student_spec=config.student,
+            tokenizer_dir=tmp_path / "tok",
+        )
+
+    def obs(j: int, loss: float) -> Observation:
+        probes = tuple(ProbeResult(s, loss + s, 0.5, (0.3, 0.2, 0.1)) for s in range(3))
+        return Observation(
+            step=j,
+            total_steps=40,
+            stage=0,
+            num_stages=3,
+            teacher=0,
+            num_teachers=3,
+            steps_in_stage=j,
+            probe_step=j - 1 if j else None,
+            probes=probes if j else (),
+        )
+
+    losses = [2.0, 1.9, 1.9, 1.9, 1.5, 1.5, 1.5, 1.5]
+    a = service()
+    for j in range(4):
+        a.decide(obs(j, losses[j]))
+    saved = json.loads(json.dumps(a.state_dict()))  # as controller.json holds it
+    expected = [a.decide(obs(j, losses[j]))[0] for j in range(4, 8)]
+    b = service()
+    b.load_state_dict(saved)
+    assert [b.decide(obs(j, losses[j]))[0] for j in range(4, 8)] == expected
+
+
+def test_rundir_rewind_and_torn_checkpoints(tmp_path, tiny_config):
+    from clpd_ray.errors import RunDirError
+    from clpd_ray.rundir import RunDir
+
+    rd = RunDir.create(tmp_path / "run", tiny_config())
+    for step in (5, 10, 15, 20):
+        rd.metrics({"step": step, "loss": 1.0})
+    for step in (0, 9, 10, 14):
+        rd.decision({"step": step})
+    with open(rd.path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 25, "lo')  # a crash mid-append
+    good = rd.checkpoint_tmp(10)
+    for name in ("student.safetensors", "student_optim.pt", "student.json"):
+        (good / name).write_text("x")
+    (good / "controller.json").write_text(json.dumps({"step": 10}))
+    rd.commit_checkpoint(good, 10)
+    torn = rd.checkpoint_tmp(20)  # a crash mid-write: never renamed into place
+    (torn / "student.safetensors").write_text("partial")
+
+    assert rd.latest_checkpoint() == rd.checkpoints / "step-0000010"
+    assert rd.read_checkpoint(rd.latest_checkpoint())["step"] == 10
+    rd.rewind(10)
+    assert [m["step"] for m in _jsonl(rd.path / "metrics.jsonl")] == [5, 10]
+    assert [d["step"] for d in _jsonl(rd.path / "decisions.jsonl")] == [0, 9]
+    assert sorted(p.name for p in rd.checkpoints.iterdir()) == ["step-0000010"]
+
+    (rd.checkpoints / "step-0000030").mkdir()  # not written by clpd
+    with pytest.raises(RunDirError, match="incomplete"):
+        rd.read_checkpoint(rd.latest_checkpoint())
+
+
+def test_local_ray_keeps_auth_on_and_the_dashboard_on_localhost(tiny_config, monkeypatch):
+    from clpd_ray.run import local_init_kwargs
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    kwargs = local_init_kwargs(tiny_config())
+    assert kwargs["dashboard_host"] == "127.0.0.1"
+    assert "RAY_AUTH_MODE" not in os.environ
+    assert not any("auth" in str(k).lower() for k in kwargs)
+    # The user may ask for another address, explicitly.
+    assert local_init_kwargs(tiny_config("cluster.dashboard_host=0.0.0.0"))["dashboard_host"] == (
+        "0.0.0.0"
+    )
+
+
+def _dotted(node: ast.AST) -> str:
+    if isinstance(node, ast.Attribute):
+        return f"{_dotted(node.value)}.{node.attr}"
+    return node.id if isinstance(node, ast.Name) else ""
+
+
+def _is_auth_key(node: ast.AST) -> bool:
+    return isinstance(node, ast.Constant) and node.value == "RAY_AUTH_MODE"
+
+
+def test_package_never_disables_auth_and_loads_weights_safely():
+    """No source sets RAY_AUTH_MODE (only reads it); every torch.load is weights_only=True."""
+    for path in sorted((REPO / "clpd_ray").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            where = f"{path.relative_to(REPO)}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Subscript) and _is_auth_key(node.slice):
+                assert isinstance(node.ctx, ast.Load), f"{where} sets RAY_AUTH_MODE"
+            if not isinstance(node, ast.Call):
+                continue
+            name = _dotted(node.func)
+            args = [a.value for a in node.args if isinstance(a, ast.Constant)]
+            if "RAY_AUTH_MODE" in args:
+                assert name in ("os.environ.get", "os.getenv"), f"{where}: {name}(RAY_AUTH_MODE)"
+            if name == "torch.load":
+                kw = {k.arg: k.value for k in node.keywords}
+                flag = kw.get("weights_only")
+                assert isinstance(flag, ast.Constant) and flag.value is True, where
+            assert name not in ("pickle.load", "pickle.loads"), where
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_killed_teachers_student_and_scheduler_give_the_uninterrupted_result(
+    ray_cluster, tiny_config, uninterrupted, tmp_path
+):
+    import ray
+
+    from clpd_ray.actors.launcher import NAMESPACE
+    from clpd_ray.run import run_distillation
+
+    config = tiny_config(*FAULT_RUN)
+    reference = uninterrupted(config)
+    out = tmp_path / "run"
+    # step -> what to kill; each fires once (replayed steps call on_step again).
+    plan = {3: "teacher", 7: "scheduler", 15: "teacher", 24: "student", 27: "teacher"}
+    killed: list[tuple[int, str, int]] = []
+
+    def on_step(done: int) -> None:
+        what = plan.pop(done, None)
+        if what is None:
+            return
+        if what == "teacher":  # the teacher the latest decision uses: it has requests in flight
+            what = f"teacher-{_jsonl(out / 'decisions.jsonl')[-1]['teacher']}"
+        pid = _pid(ray.get_actor(what, namespace=NAMESPACE))
+        os.kill(pid, signal.SIGKILL)
+        killed.append((done, what, pid))
+
+    summary = run_distillation(config, out, progress=False, on_step=on_step)
+
+    assert not plan, f"kills not reached: {plan}"
+    assert sum(w.startswith("teacher-") for _, w, _ in killed) == 3
+    for _, _, pid in killed:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    # The student and scheduler failures each replayed from a checkpoint (the scheduler's, from
+    # step 0: it failed before the first one); teacher failures were retried by Ray alone.
+    assert summary["recoveries"] == 2
+    assert_same_run(out, reference)
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Processes in session ``sid`` (a child started with start_new_session and its children)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if os.getsid(int(d.name)) == sid:
+                    pids.append(int(d.name))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return pids
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL a child we started with start_new_session=True and everything it started."""
+    for _ in range(3):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in _session_pids(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.wait(timeout=30)
+        time.sleep(0.5)
+        if not _session_pids(proc.pid):
+            return
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTEST_CURRENT_TEST")}
+    env["RAY_DEDUP_LOGS"] = "0"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sigkilled_driver_resumes_to_the_uninterrupted_result(
+    ray_cluster, tiny_config, uninterrupted, tmp_path
+):
+    """`clpd run` killed with SIGKILL at a random step; `clpd run --resume` finishes the run."""
+    config = tiny_config(*FAULT_RUN)
+    reference = uninterrupted(config)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(config.to_dict()))
+    out = tmp_path / "run"
+    # A random logged step (metrics rows come every 5 steps; checkpoints every 10): the kill
+    # lands within a step or two of it, between checkpoints or right at one; 5 is before any.
+    kill_at = random.Random().choice([5, 10, 15, 20, 25])
+    print(f"killing the driver once step {kill_at} is logged")
+    cli = [sys.executable, "-m", "clpd_ray.cli", "run"]
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(
+        [*cli, str(cfg), "--out", str(out)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=_clean_env(),
+        start_new_session=True,  # its own process group: the kill reaches its local Ray too
+    )
+    try:
+        deadline = time.monotonic() + 240
+        metrics = out / "metrics.jsonl"
+        while not (metrics.exists() and f'"step": {kill_at},' in metrics.read_text()):
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, f"step {kill_at} not logged within 240 s"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        _kill_session(proc)
+        log.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "summary.json").exists(), "the run finished before the kill"
+
+    resumed = subprocess.Popen(
+        [*cli, "--resume", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_clean_env(),
+        start_new_session=True,
+    )
+    try:
+        output, _ = resumed.communicate(timeout=300)
+    finally:
+        _kill_session(resumed)  # normally nothing is left: a clean exit stops its Ray
+    assert resumed.returncode == 0, output[-3000:]
+    assert "Traceback" not in output
+    summary = json.loads((out / "summary.json").read_text())
+    # From the last checkpoint before the kill (none before step 10: from the start).
+    assert kill_at // 10 * 10 - 10 <= summary["resumed_from_step"] <= kill_at + 10
+    assert_same_run(out, reference)
+
+    # Resuming a finished run changes nothing (and starts nothing).
+    from clpd_ray.cli import main
+
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["run", "--resume", str(out)]) == 0
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+
+
+@pytest.mark.slow
+def test_lost_node_teacher_moves_to_another_node_and_the_run_completes(tiny_config, tmp_path):
+    """Head + two teacher nodes (ray.cluster_utils.Cluster, in a subprocess): the node hosting
+    the teacher is removed mid-run; Ray restarts the teacher on the other node."""
+    from conftest import TINY_LADDER
+
+    config = tiny_config(
+        "curriculum.num_stages=1",
+        "train.total_steps=20",
+        "train.checkpoint_every=10",
+        "scheduler.policy=standard_kd",
+        teachers={"ladder": TINY_LADDER[:1]},
+    )
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(config.to_dict()))
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "node-loss", str(cfg), str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_clean_env(),
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=240)
+    finally:
+        _kill_session(proc)
+    assert proc.returncode == 0, output[-4000:]
+    result = json.loads(output.strip().splitlines()[-1])
+    assert result["steps"] == 20
+    assert result["teacher_node_after"] != result["removed_node"]
+    assert result["teacher_node_after"] in result["worker_nodes"]
+    assert (out / "student" / "model.safetensors").is_file()
+
+
+def _node_loss(cfg: str, out: str) -> None:
+    """The node-loss scenario (run in its own process: one Ray connection per process)."""
+    import tempfile
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from clpd_ray.actors.launcher import NAMESPACE
+    from clpd_ray.config import load_config
+    from clpd_ray.run import run_distillation
+
+    # Cluster() records its address for `ray.init(address="auto")`: put the old one back after.
+    marker = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    saved = marker.read_text() if marker.exists() else None
+    fast_health = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "resources": {"student_slot": 1},
+            "include_dashboard": False,
+            "_system_config": fast_health,
+        },
+    )
+    try:
+        workers = [cluster.add_node(num_cpus=1, resources={"teacher_slot": 1}) for _ in range(2)]
+        ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
+        events: dict = {"worker_nodes": [w.node_id for w in workers]}
+
+        def teacher_node() -> str:
+            t = ray.get_actor("teacher-t0", namespace=NAMESPACE)
+            return ray.get(
+                t.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())
+            )
+
+        def on_step(done: int) -> None:
+            if done == 5 and "removed_node" not in events:
+                node = teacher_node()
+                cluster.remove_node(
+                    next(w for w in workers if w.node_id == node), allow_graceful=False
+                )
+                events["removed_node"] = node
+                events["removed_at"] = time.time()
+            if done == 15 and "teacher_node_after" not in events:
+                events["teacher_node_after"] = teacher_node()
+
+        summary = run_distillation(load_config(cfg), out, progress=False, on_step=on_step)
+        events["steps"] = summary["steps"]
+        events["recoveries"] = summary["recoveries"]
+        print(json.dumps(events))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if saved is not None:
+            marker.write_text(saved)
+        elif marker.exists():
+            marker.unlink()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["node-loss"]:
+        _node_loss(sys.argv[2], sys.argv[3])
+    else:
+        raise SystemExit("usage: python tests/test_faults.py node-loss CONFIG OUT")
