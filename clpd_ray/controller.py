@@ -62,7 +62,7 @@ from clpd_ray.recovery import (
     wait_for_restarts,
 )
 from clpd_ray.rundir import RunDir, write_json_atomic
-from clpd_ray.workload import Workload, difficulty_scores, stage_of
+from clpd_ray.workload import Workload, stage_of
 
 __all__ = ["Controller", "RunStats", "unwrap"]
 
@@ -173,8 +173,7 @@ class Controller:
             rng = np.random.default_rng([self.c.seed, 11])
             parts = np.array_split(rng.permutation(len(pool)), len(self.stages))
         else:
-            scores = difficulty_scores(self.c, pool, self.w.tokenizer, self.w.ladder)
-            which = stage_of(scores, self.stages, self.w.scores)
+            which = stage_of(self.w.probe_scores, self.stages, self.w.scores)
             parts = [np.flatnonzero(which == s) for s in range(len(self.stages))]
         size = self.c.scheduler.probe_size
         sets = []

@@ -34,6 +34,7 @@ class Workload:
     scores: np.ndarray  # (N,) difficulty of each training example, higher = harder
     eval: list[Example]
     probe_pool: list[Example]  # held-out examples the probes are drawn from
+    probe_scores: np.ndarray  # (P,) difficulty of each probe-pool example, same scorer
     ladder: list[LadderEntry]
     max_new_tokens: int  # generation budget for evaluation
 
@@ -116,6 +117,7 @@ def build_workload(config: Config, *, progress: bool = True) -> Workload:
         scores=difficulty_scores(config, train, tok, ladder),
         eval=held_out,
         probe_pool=probe_pool,
+        probe_scores=difficulty_scores(config, probe_pool, tok, ladder),
         ladder=ladder,
         max_new_tokens=max(len(t) for t in targets) + 2,
     )

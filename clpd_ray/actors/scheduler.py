@@ -8,6 +8,7 @@ the student's weights, off the student's critical path. Probe results feed later
 from __future__ import annotations
 
 import os
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -128,8 +129,6 @@ class SchedulerService:
     @torch.inference_mode()
     def probe(self, step: int, weights: dict[str, np.ndarray]) -> tuple[ProbeResult, ...]:
         """Measure a snapshot of the student on every stage's probe set."""
-        import time
-
         start = time.perf_counter()
         model = self._model()
         model.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()}, strict=False)
