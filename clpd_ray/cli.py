@@ -148,6 +148,15 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    if args.export:
+        from clpd_ray.export import export_ablation
+
+        summary = export_ablation(args.dir, args.export)
+        print(
+            f"exported {summary['runs']} runs (no weights) to {args.export}; wrote its "
+            f"summary.json, report.md and figures/ (`clpd report {args.export}` redoes them)"
+        )
+        return 0
     from clpd_ray.report import write_report
 
     write_report(args.dir)
@@ -225,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
         "report", help="rewrite an ablation's summary.json, report.md and figures from its files"
     )
     rep.add_argument("dir")
+    rep.add_argument(
+        "--export",
+        metavar="DST",
+        help="copy the report's inputs (no weights or checkpoints) to the new directory DST and "
+        "report there: a small, shareable copy that `clpd report DST` rebuilds",
+    )
     return p
 
 

@@ -348,6 +348,26 @@ def test_ablation_end_to_end_resume_and_report(ray_cluster, tmp_path, tiny_confi
     assert json.loads((out / "summary.json").read_text()) == before
     assert (out / "report.md").is_file() and (out / "figures" / "schedule_clpd.png").is_file()
 
+    # 5. `clpd report --export` copies the report's inputs without weights; the copy reports
+    #    the same numbers, rebuilds on its own, and an export never lands on existing files.
+    exported = tmp_path / "export"
+    assert main(["report", str(out), "--export", str(exported)]) == 0, capsys.readouterr().err
+    assert "exported 4 runs" in capsys.readouterr().out
+    assert json.loads((exported / "summary.json").read_text()) == before
+    kept = {p.relative_to(exported).as_posix() for p in exported.rglob("*") if p.is_file()}
+    assert "runs/clpd/seed-1/metrics.jsonl" in kept and "runs/clpd/seed-1/config.yaml" in kept
+    assert not [p for p in kept if "checkpoints" in p or p.endswith((".safetensors", ".pt"))]
+    (exported / "summary.json").unlink()
+    assert main(["report", str(exported)]) == 0
+    assert json.loads((exported / "summary.json").read_text()) == before
+    listing = sorted(kept)
+    assert main(["report", str(out), "--export", str(exported)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert (
+        sorted(p.relative_to(exported).as_posix() for p in exported.rglob("*") if p.is_file())
+        == listing
+    )
+
     # The scipy check again with non-degenerate numbers: a few-step student scores ~0
     # everywhere, so give results.jsonl hand-made accuracies and let `clpd report` recompute.
     made = {("clpd", 0): 0.5, ("clpd", 1): 0.7, ("standard_kd", 0): 0.4, ("standard_kd", 1): 0.45}

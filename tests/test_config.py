@@ -42,6 +42,13 @@ def test_demo_config_is_valid():
     assert cfg.curriculum.num_stages == len(cfg.teachers.ladder) == 3
 
 
+def test_demo_runs_the_published_ablation_config():
+    # `clpd demo` is the clpd arm, seed 0, of the ablation in docs/results.md.
+    root = Path(__file__).resolve().parents[1] / "configs"
+    assert (root / "demo.yaml").read_text() == DEMO.read_text()
+    assert load_config(root / "ablation.yaml") == load_config(DEMO)
+
+
 def test_load_from_yaml_file(tmp_path):
     path = _write(
         tmp_path,

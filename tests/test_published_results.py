@@ -1,0 +1,68 @@
+"""docs/results.md is what `clpd report` makes of the saved results, not numbers typed by hand.
+
+docs/results/<loss>/ is the `clpd report --export` copy of each published ablation (no weights).
+Here `clpd report` rebuilds each from its inputs alone, and the rebuilt summary.json and report
+tables must equal the committed ones and appear, row for row, in docs/results.md.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from clpd_ray.cli import main
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+# Each published ablation, with the runs it must hold: 6 arms (+2 single-teacher arms for fkl) x 5
+# seeds, and the exploratory follow-up (one arm x 5 seeds).
+PUBLISHED = {"fkl": 40, "jsd": 30, "fkl-long-last-stage": 5}
+OUTPUTS = ("summary.json", "report.md", "figures")  # what `clpd report` writes
+
+
+def _tables(report: str, sections: tuple[str, ...]) -> list[str]:
+    """The table rows (lines starting with '|') under the given '## ' headings of a report."""
+    rows, keep = [], False
+    for line in report.splitlines():
+        if line.startswith("## "):
+            keep = line[3:].strip() in sections
+        elif keep and line.startswith("|") and not line.startswith("|---"):
+            rows.append(line)
+    return rows
+
+
+@pytest.mark.parametrize("loss", list(PUBLISHED))
+def test_clpd_report_rebuilds_the_published_numbers(tmp_path, loss, capsys):
+    src = DOCS / "results" / loss
+    copy = tmp_path / loss
+    shutil.copytree(src, copy)
+    for name in OUTPUTS:
+        path = copy / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    assert main(["report", str(copy)]) == 0, capsys.readouterr().err
+    rebuilt = json.loads((copy / "summary.json").read_text())
+    assert rebuilt == json.loads((src / "summary.json").read_text())
+    assert rebuilt["runs"] == PUBLISHED[loss]
+    assert all(a["n"] >= 5 for a in rebuilt["arms"].values())
+
+    report = (copy / "report.md").read_text()
+    committed = (src / "report.md").read_text()
+    drop_date = lambda text: [ln for ln in text.splitlines() if not ln.startswith("Generated ")]  # noqa: E731
+    assert drop_date(report) == drop_date(committed)
+    for name in ("accuracy.png", "accuracy_by_difficulty.png", "schedule_clpd.png"):  # redrawn
+        assert (copy / "figures" / name).read_bytes()[:4] == b"\x89PNG"
+
+    results_md = (DOCS / "results.md").read_text()
+    sections = (
+        "Accuracy per arm",
+        "Accuracy by difficulty",
+        "Paired comparisons",
+        "Stronger teacher, worse student?",
+    )
+    rows = _tables(report, sections)
+    assert len(rows) > 2 * len(rebuilt["arms"])
+    missing = [r for r in rows if r not in results_md]
+    assert not missing, f"docs/results.md lacks these rows of the {loss} report: {missing}"
