@@ -17,8 +17,8 @@ from clpd_ray.cli import main
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 # Each published ablation, with the runs it must hold: 6 arms (+2 single-teacher arms for fkl) x 5
-# seeds, and the exploratory follow-up (one arm x 5 seeds).
-PUBLISHED = {"fkl": 40, "jsd": 30, "fkl-long-last-stage": 5}
+# seeds, and the follow-up (clpd with a long last stage and with equal stages, 10 seeds each).
+PUBLISHED = {"fkl": 40, "jsd": 30, "fkl-long-last-stage": 10, "fkl-clpd-10-seeds": 10}
 OUTPUTS = ("summary.json", "report.md", "figures")  # what `clpd report` writes
 
 
