@@ -22,12 +22,12 @@ import torch
 
 def run(device: str, steps: int, tmp: Path) -> tuple[list[float], float, str]:
     os.environ["CLPD_DEVICE"] = device
-    from clpd_ray.actors.student import StudentTrainer
-    from clpd_ray.actors.teacher import TeacherService
-    from clpd_ray.batching import encode_examples
     from clpd_ray.config import load_config
+    from clpd_ray.data.batching import encode_examples
+    from clpd_ray.data.task import generate_examples
     from clpd_ray.messages import Batch
-    from clpd_ray.task import generate_examples
+    from clpd_ray.runtime.actors.student import StudentTrainer
+    from clpd_ray.runtime.actors.teacher import TeacherService
 
     config = load_config(None, ["train.total_steps=" + str(steps), "train.batch_size=64"])
     examples = generate_examples(64 * steps, 6, 0, "train")
@@ -54,8 +54,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     args = p.parse_args()
     from clpd_ray.config import TeacherSpec
-    from clpd_ray.models import build_model
-    from clpd_ray.tokenizer import build_char_tokenizer
+    from clpd_ray.data.tokenizer import build_char_tokenizer
+    from clpd_ray.distill.models import build_model
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as d:

@@ -19,15 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clpd_ray.actors.student import StudentTrainer
-from clpd_ray.actors.teacher import TeacherService
-from clpd_ray.batching import encode_examples
 from clpd_ray.cli import demo_config_path
 from clpd_ray.config import Config, load_config
-from clpd_ray.curriculum import CurriculumSampler, split_stages
+from clpd_ray.curriculum.sampler import CurriculumSampler, split_stages
+from clpd_ray.data.batching import encode_examples
 from clpd_ray.messages import Batch
 from clpd_ray.policies import resolve_policy
-from clpd_ray.run import run_distillation
+from clpd_ray.runtime.actors.student import StudentTrainer
+from clpd_ray.runtime.actors.teacher import TeacherService
+from clpd_ray.runtime.run import run_distillation
 from clpd_ray.workload import Workload, build_workload
 
 

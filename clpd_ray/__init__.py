@@ -5,9 +5,9 @@ teachers weak to strong; a scheduling policy may adapt both online. See README.m
 """
 
 from clpd_ray.config import Config, load_config
+from clpd_ray.data.example import Example
+from clpd_ray.distill.losses import kd_loss, sparse_kd_loss
 from clpd_ray.errors import ClpdError
-from clpd_ray.example import Example
-from clpd_ray.losses import kd_loss, sparse_kd_loss
 
 __all__ = [
     "ClpdError",
@@ -16,7 +16,17 @@ __all__ = [
     "__version__",
     "kd_loss",
     "load_config",
+    "resume_distillation",
+    "run_distillation",
     "sparse_kd_loss",
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # the runtime imports Ray: load it only when a run is asked for
+    if name in ("run_distillation", "resume_distillation"):
+        from clpd_ray.runtime import run
+
+        return getattr(run, name)
+    raise AttributeError(f"module 'clpd_ray' has no attribute {name!r}")

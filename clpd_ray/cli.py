@@ -81,7 +81,7 @@ def _print_result(summary: dict, out: Path) -> None:
 
 
 def cmd_run(args: argparse.Namespace, config_path: str | Path | None) -> int:
-    from clpd_ray.run import resume_distillation, run_distillation
+    from clpd_ray.runtime.run import resume_distillation, run_distillation
 
     resume = getattr(args, "resume", None)
     if resume is not None:
@@ -103,7 +103,7 @@ def cmd_run(args: argparse.Namespace, config_path: str | Path | None) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from clpd_ray.run import resolve_run_policy
+    from clpd_ray.runtime.run import resolve_run_policy
 
     config = _load(args.config, args.set or [], False)
     policy = resolve_run_policy(config)
@@ -114,7 +114,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_ladder(args: argparse.Namespace) -> int:
-    from clpd_ray.ladder import accuracy_table
+    from clpd_ray.distill.ladder import accuracy_table
     from clpd_ray.workload import build_workload
 
     config = _load(args.config or demo_config_path(), args.set or [], args.quick)
@@ -126,8 +126,8 @@ def cmd_ladder(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from clpd_ray.ablate import run_ablation
-    from clpd_ray.arms import DEFAULT_ARMS, parse_arms
+    from clpd_ray.ablation.arms import DEFAULT_ARMS, parse_arms
+    from clpd_ray.ablation.runner import run_ablation
 
     if args.seeds < 1:
         raise ClpdError(f"--seeds {args.seeds}: an ablation needs at least one seed per arm")
@@ -149,7 +149,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     if args.export:
-        from clpd_ray.export import export_ablation
+        from clpd_ray.ablation.export import export_ablation
 
         summary = export_ablation(args.dir, args.export)
         print(
@@ -157,7 +157,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             f"summary.json, report.md and figures/ (`clpd report {args.export}` redoes them)"
         )
         return 0
-    from clpd_ray.report import write_report
+    from clpd_ray.ablation.report import write_report
 
     write_report(args.dir)
     print(f"wrote {Path(args.dir) / 'summary.json'}, report.md and figures/")

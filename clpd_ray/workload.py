@@ -14,14 +14,19 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from clpd_ray.config import Config, default_cache_dir
-from clpd_ray.data import load_examples, train_eval_split
-from clpd_ray.difficulty import length_scores, rank_fusion, step_scores, student_loss_scores
+from clpd_ray.curriculum.difficulty import (
+    length_scores,
+    rank_fusion,
+    step_scores,
+    student_loss_scores,
+)
+from clpd_ray.data.example import Example
+from clpd_ray.data.loaders import load_examples, train_eval_split
+from clpd_ray.data.task import generate_examples
+from clpd_ray.data.tokenizer import build_char_tokenizer, load_tokenizer
+from clpd_ray.distill.ladder import LadderEntry, ensure_ladder
+from clpd_ray.distill.models import load_causal_lm
 from clpd_ray.errors import ConfigError
-from clpd_ray.example import Example
-from clpd_ray.ladder import LadderEntry, ensure_ladder
-from clpd_ray.models import load_causal_lm
-from clpd_ray.task import generate_examples
-from clpd_ray.tokenizer import build_char_tokenizer, load_tokenizer
 
 __all__ = ["Workload", "build_workload", "difficulty_scores", "stage_of"]
 

@@ -13,10 +13,11 @@ import yaml
 from conftest import TINY_LADDER
 from scipy import stats as sps
 
-from clpd_ray.ablate import _run_threads, default_parallel, plan_runs, run_ablation, runs_that_fit
-from clpd_ray.arms import DEFAULT_ARMS, parse_arms, run_config, single_arm_map
+from clpd_ray.ablation.arms import DEFAULT_ARMS, parse_arms, run_config, single_arm_map
+from clpd_ray.ablation.runner import _run_threads, plan_runs, run_ablation
 from clpd_ray.cli import main
 from clpd_ray.errors import ClpdError
+from clpd_ray.runtime.capacity import default_parallel, runs_that_fit
 
 
 def _write(tmp_path: Path, config) -> Path:

@@ -69,8 +69,8 @@ def _existing_run(path: Path, config_text: str) -> Path:
 def inputs(tmp_path_factory):
     """Bad datasets, model directories and a broken policy module (written once)."""
     from clpd_ray.config import ModelSpec
-    from clpd_ray.models import build_model
-    from clpd_ray.tokenizer import build_char_tokenizer
+    from clpd_ray.data.tokenizer import build_char_tokenizer
+    from clpd_ray.distill.models import build_model
 
     root = tmp_path_factory.mktemp("inputs")
     good = {"question": "What is 2+3?", "answer": "2+3 = 5\n#### 5"}
@@ -152,12 +152,12 @@ CASES = {
 @pytest.fixture
 def no_runs(monkeypatch):
     """Bad input must fail before a run starts: starting one here is a test failure."""
-    import clpd_ray.run
+    import clpd_ray.runtime.run
 
     def refuse(*args, **kwargs):
         raise AssertionError("bad input reached the run")
 
-    monkeypatch.setattr(clpd_ray.run, "_execute", refuse)
+    monkeypatch.setattr(clpd_ray.runtime.run, "_execute", refuse)
 
 
 def _check_error(capsys, code: int, needles: list[str]) -> str:
@@ -258,8 +258,8 @@ def test_torn_checkpoint_is_named_on_resume(tmp_path, capsys, tiny_config, no_ru
 def test_invalid_decision_stops_the_run_and_keeps_the_last_checkpoint(
     ray_cluster, tiny_config, tmp_path, capsys, monkeypatch
 ):
-    from clpd_ray.actors.student import StudentTrainer
-    from clpd_ray.rundir import RunDir
+    from clpd_ray.runtime.actors.student import StudentTrainer
+    from clpd_ray.runtime.rundir import RunDir
 
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "bad_policy_mod.py").write_text(BAD_DECISION_POLICY.format(step=12))
@@ -288,7 +288,7 @@ def test_invalid_decision_stops_the_run_and_keeps_the_last_checkpoint(
     state = run.read_checkpoint(ckpt)
     assert state["step"] == 5 and state["policy_name"] == "bad_at_12"
     tok = tmp_path / "tok"
-    from clpd_ray.tokenizer import build_char_tokenizer
+    from clpd_ray.data.tokenizer import build_char_tokenizer
 
     build_char_tokenizer().save_pretrained(tok)
     assert StudentTrainer(config, tok).restore(ckpt) == 5
@@ -296,10 +296,10 @@ def test_invalid_decision_stops_the_run_and_keeps_the_last_checkpoint(
 
 def test_a_policy_that_raises_is_named(tiny_config, tmp_path, capsys, monkeypatch):
     """An exception inside a user policy's decide() is reported as the policy's, at its line."""
-    from clpd_ray.actors.scheduler import SchedulerService
+    from clpd_ray.data.tokenizer import build_char_tokenizer
     from clpd_ray.errors import PolicyError
     from clpd_ray.messages import Observation
-    from clpd_ray.tokenizer import build_char_tokenizer
+    from clpd_ray.runtime.actors.scheduler import SchedulerService
 
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "raising_policy_mod.py").write_text(RAISING_POLICY)
@@ -329,8 +329,8 @@ def test_package_error_in_an_actor_init_is_reported_as_bad_input(ray_cluster):
     """A model that only fails inside an actor (past the driver's checks) is still exit 2."""
     import ray
 
-    from clpd_ray.controller import unwrap
     from clpd_ray.errors import ClpdError, ModelLoadError
+    from clpd_ray.runtime.controller import unwrap
 
     class Loader:
         def __init__(self) -> None:

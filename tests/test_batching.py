@@ -7,10 +7,10 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from clpd_ray.batching import encode_examples, encode_prompts
-from clpd_ray.example import Example
-from clpd_ray.task import generate_examples, make_example
-from clpd_ray.tokenizer import build_char_tokenizer
+from clpd_ray.data.batching import encode_examples, encode_prompts
+from clpd_ray.data.example import Example
+from clpd_ray.data.task import generate_examples, make_example
+from clpd_ray.data.tokenizer import build_char_tokenizer
 
 TOK = build_char_tokenizer()
 PAD, EOS = TOK.pad_token_id, TOK.eos_token_id

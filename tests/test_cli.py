@@ -102,7 +102,7 @@ def test_run_with_a_user_policy_from_outside_the_package(
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", sorted(BUILTIN_POLICIES))
 def test_every_builtin_policy_completes_a_run(ray_cluster, tmp_path, tiny_config, policy):
-    from clpd_ray.run import run_distillation
+    from clpd_ray.runtime.run import run_distillation
 
     config = tiny_config(
         f"scheduler.policy={policy}",

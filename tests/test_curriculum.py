@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from clpd_ray.curriculum import CurriculumSampler, split_stages
+from clpd_ray.curriculum.sampler import CurriculumSampler, split_stages
 from clpd_ray.errors import DataError
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from datasets import Dataset, DatasetDict
 
-from clpd_ray.data import format_prompt, load_examples, train_eval_split
-from clpd_ray.difficulty import count_steps
+from clpd_ray.curriculum.difficulty import count_steps
+from clpd_ray.data.example import Example, normalise_answer
+from clpd_ray.data.loaders import format_prompt, load_examples, train_eval_split
 from clpd_ray.errors import DataError
-from clpd_ray.example import Example, normalise_answer
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GSM8K_TEST = SHARED_DATA / "gsm8k" / "test.jsonl"

@@ -11,14 +11,14 @@ from scipy.stats import rankdata, spearmanr
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from clpd_ray.difficulty import (
+from clpd_ray.curriculum.difficulty import (
     count_steps,
     length_scores,
     rank_fusion,
     step_scores,
     student_loss_scores,
 )
-from clpd_ray.example import Example
+from clpd_ray.data.example import Example
 
 GSM8K_TEST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
@@ -202,7 +202,7 @@ def test_rank_fusion_errors(a, b, weight, match):
 def test_gsm8k_longer_cot_has_more_steps(tokenizer):
     if not GSM8K_TEST.is_file():
         pytest.skip(f"GSM8K not present at {GSM8K_TEST}")
-    from clpd_ray.data import load_examples
+    from clpd_ray.data.loaders import load_examples
 
     examples = load_examples(GSM8K_TEST, prompt_field="question", cot_field="answer")[:300]
     rho = spearmanr(step_scores(examples), length_scores(examples, tokenizer)).statistic

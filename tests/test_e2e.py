@@ -8,7 +8,7 @@ import pytest
 import ray
 from transformers import AutoModelForCausalLM
 
-from clpd_ray.run import run_distillation
+from clpd_ray.runtime.run import run_distillation
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

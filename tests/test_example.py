@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from clpd_ray.example import answers_match, extract_answer, normalise_answer
+from clpd_ray.data.example import answers_match, extract_answer, normalise_answer
 
 
 @pytest.mark.parametrize(

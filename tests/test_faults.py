@@ -73,7 +73,7 @@ _BASELINES: dict[str, Path] = {}
 @pytest.fixture
 def uninterrupted(ray_cluster, tmp_path_factory):
     """The run directory of an uninterrupted run of ``config`` (one per config per session)."""
-    from clpd_ray.run import run_distillation
+    from clpd_ray.runtime.run import run_distillation
 
     def get(config) -> Path:
         key = json.dumps(config.to_dict(), sort_keys=True)
@@ -96,8 +96,8 @@ def _pid(handle) -> int:
 
 
 def _tiny_trainer(tmp_path, config):
-    from clpd_ray.actors.student import StudentTrainer
-    from clpd_ray.tokenizer import build_char_tokenizer
+    from clpd_ray.data.tokenizer import build_char_tokenizer
+    from clpd_ray.runtime.actors.student import StudentTrainer
 
     tok_dir = tmp_path / "tok"
     if not tok_dir.exists():
@@ -106,10 +106,10 @@ def _tiny_trainer(tmp_path, config):
 
 
 def _batches(n: int):
-    from clpd_ray.batching import encode_examples
+    from clpd_ray.data.batching import encode_examples
+    from clpd_ray.data.task import generate_examples
+    from clpd_ray.data.tokenizer import build_char_tokenizer
     from clpd_ray.messages import Batch
-    from clpd_ray.task import generate_examples
-    from clpd_ray.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
     examples = generate_examples(8 * n, 3, 0, "train")
@@ -154,9 +154,9 @@ def test_student_restore_continues_bit_for_bit(tmp_path, tiny_config):
 
 def test_scheduler_state_round_trip_gives_the_same_decisions(tmp_path, tiny_config):
     """A restarted scheduler loaded with the saved policy state decides as the original would."""
-    from clpd_ray.actors.scheduler import SchedulerService
+    from clpd_ray.data.tokenizer import build_char_tokenizer
     from clpd_ray.messages import Observation, ProbeResult
-    from clpd_ray.tokenizer import build_char_tokenizer
+    from clpd_ray.runtime.actors.scheduler import SchedulerService
 
     config = tiny_config()
     build_char_tokenizer().save_pretrained(tmp_path / "tok")
@@ -199,7 +199,7 @@ def test_scheduler_state_round_trip_gives_the_same_decisions(tmp_path, tiny_conf
 
 def test_rundir_rewind_and_torn_checkpoints(tmp_path, tiny_config):
     from clpd_ray.errors import RunDirError
-    from clpd_ray.rundir import RunDir
+    from clpd_ray.runtime.rundir import RunDir
 
     rd = RunDir.create(tmp_path / "run", tiny_config())
     for step in (5, 10, 15, 20):
@@ -229,7 +229,7 @@ def test_rundir_rewind_and_torn_checkpoints(tmp_path, tiny_config):
 
 
 def test_local_ray_keeps_auth_on_and_the_dashboard_on_localhost(tiny_config, monkeypatch):
-    from clpd_ray.run import local_init_kwargs
+    from clpd_ray.runtime.run import local_init_kwargs
 
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     kwargs = local_init_kwargs(tiny_config())
@@ -283,8 +283,8 @@ def test_killed_teachers_student_and_scheduler_give_the_uninterrupted_result(
 ):
     import ray
 
-    from clpd_ray.actors.launcher import NAMESPACE
-    from clpd_ray.run import run_distillation
+    from clpd_ray.runtime.actors.launcher import NAMESPACE
+    from clpd_ray.runtime.run import run_distillation
 
     config = tiny_config(*FAULT_RUN)
     reference = uninterrupted(config)
@@ -459,9 +459,9 @@ def _node_loss(cfg: str, out: str) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from clpd_ray.actors.launcher import NAMESPACE
     from clpd_ray.config import load_config
-    from clpd_ray.run import run_distillation
+    from clpd_ray.runtime.actors.launcher import NAMESPACE
+    from clpd_ray.runtime.run import run_distillation
 
     # Cluster() records its address for `ray.init(address="auto")`: put the old one back after.
     marker = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-import clpd_ray.ladder as ladder_mod
+import clpd_ray.distill.ladder as ladder_mod
 from clpd_ray.config import Config
+from clpd_ray.data.task import generate_examples
+from clpd_ray.data.tokenizer import build_char_tokenizer, load_tokenizer
+from clpd_ray.distill.ladder import LadderEntry, accuracy_table, ensure_ladder, teacher_cache_key
+from clpd_ray.distill.models import count_parameters, load_causal_lm
 from clpd_ray.errors import ConfigError
-from clpd_ray.ladder import LadderEntry, accuracy_table, ensure_ladder, teacher_cache_key
-from clpd_ray.models import count_parameters, load_causal_lm
-from clpd_ray.task import generate_examples
-from clpd_ray.tokenizer import build_char_tokenizer, load_tokenizer
 
 MAX_DIFFICULTY = 3
 TEACHERS = [

@@ -1,4 +1,4 @@
-"""Tests for clpd_ray.losses against an independent numpy/scipy float64 reference."""
+"""Tests for clpd_ray.distill.losses against an independent numpy/scipy float64 reference."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from scipy.special import log_softmax, rel_entr, softmax
 
 from clpd_ray.config import DistillConfig
-from clpd_ray.losses import hard_ce_loss, kd_loss, sparse_kd_loss, topk_targets
+from clpd_ray.distill.losses import hard_ce_loss, kd_loss, sparse_kd_loss, topk_targets
 
 KINDS = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
 TAILS = ("renormalise", "zero", "tail_bucket")

@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from clpd_ray.errors import ClpdError
-from clpd_ray.metrics import RunMetrics, metrics_export_urls, scrape
+from clpd_ray.runtime.metrics import RunMetrics, metrics_export_urls, scrape
 
 POLL_TIMEOUT_S = 40.0
 POLL_EVERY_S = 2.0
@@ -151,7 +151,7 @@ def test_run_metrics_without_ray_is_a_noop_and_does_not_start_ray():
     # A fresh interpreter: the session's Ray cluster may already be up in this one.
     code = (
         "import ray\n"
-        "from clpd_ray.metrics import RunMetrics\n"
+        "from clpd_ray.runtime.metrics import RunMetrics\n"
         "m = RunMetrics('r1')\n"
         "m.student_step(1.0, 100.0, 1e-3)\n"
         "m.schedule(1, 0, 'small')\n"

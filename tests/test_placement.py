@@ -6,7 +6,7 @@ import pytest
 import ray
 from conftest import TINY_LADDER
 
-from clpd_ray.actors.launcher import Launcher
+from clpd_ray.runtime.actors.launcher import Launcher
 from clpd_ray.workload import build_workload
 
 pytestmark = pytest.mark.ray

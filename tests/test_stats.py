@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from clpd_ray.stats import (
+from clpd_ray.ablation.stats import (
     WILCOXON_MIN_N,
     cohens_dz,
     comparison_pairs,

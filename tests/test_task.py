@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from clpd_ray.example import Example, extract_answer
-from clpd_ray.task import OPERATORS, TASK_ALPHABET, generate_examples, make_example, solve
+from clpd_ray.data.example import Example, extract_answer
+from clpd_ray.data.task import OPERATORS, TASK_ALPHABET, generate_examples, make_example, solve
 
 
 def _reference_solve(prompt: str) -> tuple[list[tuple[int, str, int, int]], int]:

@@ -7,12 +7,12 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from clpd_ray.batching import encode_prompts
 from clpd_ray.config import ModelSpec
+from clpd_ray.data.batching import encode_prompts
+from clpd_ray.data.task import TASK_ALPHABET, generate_examples
+from clpd_ray.data.tokenizer import SPECIAL_TOKENS, build_char_tokenizer, load_tokenizer
+from clpd_ray.distill.models import build_model, count_parameters, load_causal_lm, make_model
 from clpd_ray.errors import ClpdError, ModelLoadError
-from clpd_ray.models import build_model, count_parameters, load_causal_lm, make_model
-from clpd_ray.task import TASK_ALPHABET, generate_examples
-from clpd_ray.tokenizer import SPECIAL_TOKENS, build_char_tokenizer, load_tokenizer
 
 ARCHS = ["gpt2", "llama", "qwen2"]
 

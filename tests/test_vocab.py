@@ -7,11 +7,11 @@ import re
 import pytest
 
 from clpd_ray.config import ModelSpec
+from clpd_ray.data.task import TASK_ALPHABET
+from clpd_ray.data.tokenizer import build_char_tokenizer, load_tokenizer
+from clpd_ray.data.vocab import check_same_vocab
+from clpd_ray.distill.models import build_model
 from clpd_ray.errors import ClpdError, TokenizerMismatchError
-from clpd_ray.models import build_model
-from clpd_ray.task import TASK_ALPHABET
-from clpd_ray.tokenizer import build_char_tokenizer, load_tokenizer
-from clpd_ray.vocab import check_same_vocab
 
 
 def test_same_tokenizer_passes():

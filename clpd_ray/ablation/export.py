@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from clpd_ray.ablate import MANIFEST, RESULTS, read_results
+from clpd_ray.ablation.results import MANIFEST, RESULTS, read_results
 from clpd_ray.errors import ClpdError
 
 __all__ = ["RUN_FILES", "export_ablation"]
@@ -33,8 +33,8 @@ RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "decisions.jsonl")
 
 def export_ablation(src: str | Path, dst: str | Path) -> dict[str, Any]:
     """Copy the report inputs of the ablation in ``src`` to ``dst``, report there; returns
-    the summary (as :func:`clpd_ray.report.write_report`)."""
-    from clpd_ray.report import write_report
+    the summary (as :func:`clpd_ray.ablation.report.write_report`)."""
+    from clpd_ray.ablation.report import write_report
 
     src, dst = Path(src), Path(dst)
     rows = read_results(src)  # names src in its error when it is not an ablation directory

@@ -1,6 +1,6 @@
 """Ablations: every arm x seed on the same data, teacher ladder and step budget; resumable.
 
-Arms (policies) are in :mod:`clpd_ray.arms`. Every run of seed ``s`` has ``seed=s`` in its
+Arms (policies) are in :mod:`clpd_ray.ablation.arms`. Every run of seed ``s`` has ``seed=s`` in its
 config, which fixes the student's initialisation and the sampler for all arms alike; the data and
 the teacher ladder come from the base config and are built once (:func:`build_workload`) and
 shared, so all runs see the same examples and the same teachers. Runs go concurrently on Ray, each
@@ -15,8 +15,8 @@ Output directory::
 
     <out>/ablation.json   the base config, the ladder, and every (arm, seed) asked for so far
           results.jsonl   a row per finished run (arm, seed, accuracy, accuracy_by_difficulty, ...)
-          summary.json, report.md, figures/*.png  (clpd_ray.report; `clpd report <out>` redoes them)
-          runs/<arm>/seed-<s>/                      run directories (clpd_ray.rundir)
+          summary.json, report.md, figures/*.png  (clpd_ray.ablation.report; `clpd report <out>` redoes them)
+          runs/<arm>/seed-<s>/                      run directories (clpd_ray.runtime.rundir)
 
 Resuming: a run whose directory holds summary.json is finished and not redone; a directory
 without one is a run that was cut short and is deleted and redone. Each invocation runs the arms
@@ -39,24 +39,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from clpd_ray.arms import Arm, parse_arms, run_config
+from clpd_ray.ablation.arms import Arm, parse_arms, run_config
+from clpd_ray.ablation.results import MANIFEST, RESULTS, read_results
 from clpd_ray.config import Config
 from clpd_ray.errors import ClpdError
-from clpd_ray.rundir import write_json_atomic
+from clpd_ray.runtime.rundir import write_json_atomic
 
 __all__ = [
     "MANIFEST",
     "RESULTS",
     "PlannedRun",
-    "default_parallel",
     "plan_runs",
     "read_results",
     "run_ablation",
-    "runs_that_fit",
 ]
-
-MANIFEST = "ablation.json"  # the ablation directory's marker and base config
-RESULTS = "results.jsonl"
 
 
 @dataclass(frozen=True)
@@ -90,28 +86,6 @@ def _with_earlier(
     ]
 
 
-def runs_that_fit(config: Config) -> int:
-    """How many runs the running Ray cluster can place at once, by the launcher's own bundles."""
-    import ray
-
-    from clpd_ray.actors.launcher import Launcher
-
-    res = ray.cluster_resources()
-    probe = Launcher(config, [], "", run_id="plan")  # computes the bundles, starts nothing
-    n = len(probe.names)
-    fits = int(res.get("CPU", 1.0) // (probe.cpu * (n + 2)) + 1e-9)
-    if probe.use_gpu:
-        fits = min(fits, int(res.get("GPU", 0) // (config.cluster.gpus_per_actor * (n + 1))))
-    return fits
-
-
-def default_parallel(config: Config) -> int:
-    """The runs that fit, capped at half the CPUs: each run's actors also need real cores."""
-    import ray
-
-    return max(1, min(runs_that_fit(config), int(ray.cluster_resources().get("CPU", 1) // 2)))
-
-
 def _row(run: PlannedRun, summary: dict[str, Any]) -> dict[str, Any]:
     student = summary["student"]
     return {
@@ -128,14 +102,6 @@ def _row(run: PlannedRun, summary: dict[str, Any]) -> dict[str, Any]:
         "run_dir": run.rel,
         "run_id": summary["run_id"],
     }
-
-
-def read_results(out: str | Path) -> list[dict[str, Any]]:
-    """The rows of ``<out>/results.jsonl`` (an ablation directory)."""
-    path = Path(out) / RESULTS
-    if not path.is_file():
-        raise ClpdError(f"{path} does not exist; point at a directory written by `clpd ablate`")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _check_manifest(out: Path, config: Config) -> list[tuple[str, int]]:
@@ -208,8 +174,9 @@ def run_ablation(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run (or finish) the ablation in ``out``, then write its report; returns summary.json."""
-    from clpd_ray.report import write_report
-    from clpd_ray.run import ensure_ray, resolve_run_policy
+    from clpd_ray.ablation.report import write_report
+    from clpd_ray.runtime.capacity import default_parallel, runs_that_fit
+    from clpd_ray.runtime.run import ensure_ray, resolve_run_policy
     from clpd_ray.workload import build_workload
 
     if not seeds:
@@ -256,7 +223,7 @@ def run_ablation(
         tag = uuid.uuid4().hex[:6]  # actor names differ between runs and between ablations
 
         def one(run: PlannedRun) -> dict[str, Any]:
-            from clpd_ray.run import run_distillation
+            from clpd_ray.runtime.run import run_distillation
 
             # A tokenizer per run: Rust tokenizers are not meant to be shared between threads.
             wl = replace(workload, tokenizer=copy.deepcopy(workload.tokenizer))

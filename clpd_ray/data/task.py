@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from clpd_ray.example import Example
+from clpd_ray.data.example import Example
 
 __all__ = ["OPERATORS", "TASK_ALPHABET", "generate_examples", "make_example", "solve"]
 

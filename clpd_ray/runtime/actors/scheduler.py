@@ -18,18 +18,18 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from clpd_ray.actors.device import pick_device, set_threads
-from clpd_ray.batching import Encoded, encode_examples
 from clpd_ray.config import ModelSpec
+from clpd_ray.data.batching import Encoded, encode_examples
+from clpd_ray.data.example import Example
+from clpd_ray.data.tokenizer import load_tokenizer
+from clpd_ray.distill.losses import sparse_kd_loss
+from clpd_ray.distill.models import make_model
+from clpd_ray.distill.training import evaluate_accuracy, masked_nll, to_torch
 from clpd_ray.errors import ClpdError, PolicyError
-from clpd_ray.example import Example
-from clpd_ray.losses import sparse_kd_loss
 from clpd_ray.messages import Decision, Observation, ProbeResult, TeacherTargets
-from clpd_ray.metrics import RunMetrics
-from clpd_ray.models import make_model
 from clpd_ray.policies import SchedulerPolicy, check_decision, resolve_policy
-from clpd_ray.tokenizer import load_tokenizer
-from clpd_ray.training import evaluate_accuracy, masked_nll, to_torch
+from clpd_ray.runtime.actors.device import pick_device, set_threads
+from clpd_ray.runtime.metrics import RunMetrics
 
 __all__ = ["SchedulerService"]
 

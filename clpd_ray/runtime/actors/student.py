@@ -18,15 +18,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from clpd_ray.actors.device import assigned_gpu_ids, pick_device, set_threads
 from clpd_ray.config import Config
-from clpd_ray.example import Example
-from clpd_ray.losses import hard_ce_loss, sparse_kd_loss
+from clpd_ray.data.example import Example
+from clpd_ray.data.tokenizer import load_tokenizer
+from clpd_ray.distill.losses import hard_ce_loss, sparse_kd_loss
+from clpd_ray.distill.models import count_parameters, make_model
+from clpd_ray.distill.training import evaluate_accuracy, make_optimizer
 from clpd_ray.messages import Batch, GeneratedBatch, StepResult, TeacherTargets
-from clpd_ray.metrics import RunMetrics
-from clpd_ray.models import count_parameters, make_model
-from clpd_ray.tokenizer import load_tokenizer
-from clpd_ray.training import evaluate_accuracy, make_optimizer
+from clpd_ray.runtime.actors.device import assigned_gpu_ids, pick_device, set_threads
+from clpd_ray.runtime.metrics import RunMetrics
 
 __all__ = ["StudentTrainer"]
 

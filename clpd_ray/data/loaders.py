@@ -1,4 +1,4 @@
-"""Load an external reasoning dataset into :class:`~clpd_ray.example.Example` rows.
+"""Load an external reasoning dataset into :class:`~clpd_ray.data.example.Example` rows.
 
 Files are read with Hugging Face ``datasets``: ``.json`` / ``.jsonl`` (JSON Lines or one JSON
 array, whatever the extension says) and ``.parquet``; a directory is read as a dataset saved
@@ -26,9 +26,9 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from clpd_ray.difficulty import StepMode, count_steps
+from clpd_ray.curriculum.difficulty import StepMode, count_steps
+from clpd_ray.data.example import Example, extract_answer, normalise_answer
 from clpd_ray.errors import DataError
-from clpd_ray.example import Example, extract_answer, normalise_answer
 
 __all__ = ["format_prompt", "load_examples", "train_eval_split"]
 

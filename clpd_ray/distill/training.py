@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from clpd_ray.batching import Encoded, encode_prompts
-from clpd_ray.example import Example, answers_match
+from clpd_ray.data.batching import Encoded, encode_prompts
+from clpd_ray.data.example import Example, answers_match
 
 __all__ = [
     "evaluate_accuracy",

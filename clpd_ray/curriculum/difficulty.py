@@ -18,8 +18,8 @@ import torch
 from scipy.stats import rankdata
 from transformers import PreTrainedTokenizerBase
 
-from clpd_ray.batching import encode_examples
-from clpd_ray.example import Example
+from clpd_ray.data.batching import encode_examples
+from clpd_ray.data.example import Example
 
 __all__ = [
     "count_steps",

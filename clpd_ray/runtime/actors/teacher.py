@@ -14,15 +14,15 @@ from pathlib import Path
 
 import torch
 
-from clpd_ray.actors.device import assigned_gpu_ids, pick_device, set_threads
-from clpd_ray.batching import encode_examples
-from clpd_ray.example import Example
-from clpd_ray.losses import topk_targets
+from clpd_ray.data.batching import encode_examples
+from clpd_ray.data.example import Example
+from clpd_ray.data.tokenizer import load_tokenizer
+from clpd_ray.distill.losses import topk_targets
+from clpd_ray.distill.models import load_causal_lm
+from clpd_ray.distill.training import evaluate_accuracy, generate_texts
 from clpd_ray.messages import Batch, GeneratedBatch, TeacherTargets
-from clpd_ray.metrics import RunMetrics
-from clpd_ray.models import load_causal_lm
-from clpd_ray.tokenizer import load_tokenizer
-from clpd_ray.training import evaluate_accuracy, generate_texts
+from clpd_ray.runtime.actors.device import assigned_gpu_ids, pick_device, set_threads
+from clpd_ray.runtime.metrics import RunMetrics
 
 __all__ = ["TeacherService"]
 

@@ -22,14 +22,14 @@ from typing import Any
 
 import ray
 
-from clpd_ray.actors.launcher import NAMESPACE, Launcher
 from clpd_ray.config import Config, load_config
-from clpd_ray.controller import Controller
+from clpd_ray.data.tokenizer import load_tokenizer
+from clpd_ray.data.vocab import check_same_vocab
 from clpd_ray.errors import ModelLoadError
 from clpd_ray.policies import SchedulerPolicy, resolve_policy
-from clpd_ray.rundir import RunDir
-from clpd_ray.tokenizer import load_tokenizer
-from clpd_ray.vocab import check_same_vocab
+from clpd_ray.runtime.actors.launcher import NAMESPACE, Launcher
+from clpd_ray.runtime.controller import Controller
+from clpd_ray.runtime.rundir import RunDir
 from clpd_ray.workload import Workload, build_workload
 
 __all__ = [

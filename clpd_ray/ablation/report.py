@@ -19,11 +19,11 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from clpd_ray.ablate import MANIFEST, read_results
-from clpd_ray.arms import single_arm_map
+from clpd_ray.ablation.arms import single_arm_map
+from clpd_ray.ablation.results import MANIFEST, read_results
+from clpd_ray.ablation.stats import WILCOXON_MIN_N, summarise
 from clpd_ray.errors import ClpdError
-from clpd_ray.rundir import write_json_atomic
-from clpd_ray.stats import WILCOXON_MIN_N, summarise
+from clpd_ray.runtime.rundir import write_json_atomic
 
 __all__ = ["write_report"]
 

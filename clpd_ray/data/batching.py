@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from clpd_ray.example import Example
+from clpd_ray.data.example import Example
 
 __all__ = ["Encoded", "encode_examples", "encode_prompts"]
 

@@ -24,12 +24,12 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from clpd_ray.batching import encode_examples
 from clpd_ray.config import Config, TeacherSpec, default_cache_dir
+from clpd_ray.data.batching import encode_examples
+from clpd_ray.data.example import Example
+from clpd_ray.distill.models import build_model, count_parameters
+from clpd_ray.distill.training import evaluate_accuracy, lm_loss, make_optimizer, to_torch
 from clpd_ray.errors import ConfigError
-from clpd_ray.example import Example
-from clpd_ray.models import build_model, count_parameters
-from clpd_ray.training import evaluate_accuracy, lm_loss, make_optimizer, to_torch
 
 __all__ = ["LadderEntry", "ensure_ladder", "teacher_cache_key", "train_teacher"]
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from clpd_ray.data.task import TASK_ALPHABET
 from clpd_ray.errors import ModelLoadError
-from clpd_ray.task import TASK_ALPHABET
 
 __all__ = ["SPECIAL_TOKENS", "build_char_tokenizer", "load_tokenizer"]
 

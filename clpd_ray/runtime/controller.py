@@ -42,14 +42,14 @@ import numpy as np
 import ray
 from tqdm.auto import tqdm
 
-from clpd_ray.actors.launcher import Launcher
-from clpd_ray.batching import encode_examples
 from clpd_ray.config import Config
-from clpd_ray.curriculum import CurriculumSampler, split_stages
+from clpd_ray.curriculum.sampler import CurriculumSampler, split_stages
+from clpd_ray.data.batching import encode_examples
 from clpd_ray.errors import ClpdError, PolicyError, RunDirError
 from clpd_ray.messages import Batch, Decision, Observation, ProbeResult, StepResult
 from clpd_ray.policies import SchedulerPolicy
-from clpd_ray.recovery import (
+from clpd_ray.runtime.actors.launcher import Launcher
+from clpd_ray.runtime.recovery import (
     STATE_VERSION,
     decision_from_json,
     decision_to_json,
@@ -61,7 +61,7 @@ from clpd_ray.recovery import (
     result_to_json,
     wait_for_restarts,
 )
-from clpd_ray.rundir import RunDir, write_json_atomic
+from clpd_ray.runtime.rundir import RunDir, write_json_atomic
 from clpd_ray.workload import Workload, stage_of
 
 __all__ = ["Controller", "RunStats", "unwrap"]

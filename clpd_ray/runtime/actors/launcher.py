@@ -25,11 +25,11 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from clpd_ray.actors.scheduler import SchedulerService
-from clpd_ray.actors.student import StudentTrainer
-from clpd_ray.actors.teacher import TeacherService
 from clpd_ray.config import Config
 from clpd_ray.errors import ClpdError
+from clpd_ray.runtime.actors.scheduler import SchedulerService
+from clpd_ray.runtime.actors.student import StudentTrainer
+from clpd_ray.runtime.actors.teacher import TeacherService
 
 __all__ = ["NAMESPACE", "STATEFUL_MAX_RESTARTS", "Actors", "Launcher"]
 

@@ -1,0 +1,1 @@
+"""Ablations: arms, the runner, statistics, reports and exports."""

@@ -1,1 +1,0 @@
-"""Actors of a CLPD run: plain classes, made remote only by :mod:`clpd_ray.actors.launcher`."""

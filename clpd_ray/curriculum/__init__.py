@@ -1,0 +1,1 @@
+"""Curriculum: difficulty scores, stage splits and the stage-aware sampler."""

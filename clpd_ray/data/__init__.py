@@ -1,0 +1,1 @@
+"""Data: examples, the embedded task, dataset loaders, tokenizers, vocabulary checks, batching."""

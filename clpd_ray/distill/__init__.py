@@ -1,0 +1,1 @@
+"""Distillation in torch only: losses, models, the training helpers and the teacher ladder."""

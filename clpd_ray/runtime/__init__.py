@@ -1,0 +1,2 @@
+"""The Ray runtime: run, controller, recovery, run directory, metrics and the actors. The only
+package (with the CLI) that imports ``ray``."""
