@@ -70,7 +70,7 @@ def _table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _print_result(summary: dict, out: Path) -> None:
+def _print_result(summary: dict, out: str) -> None:
     print()
     print(
         f"policy {summary['policy']}: {summary['steps']} steps in {summary['wall_s']:.1f} s; stages {summary['stages']}"
@@ -82,6 +82,7 @@ def _print_result(summary: dict, out: Path) -> None:
 
 def cmd_run(args: argparse.Namespace, config_path: str | Path | None) -> int:
     from clpd_ray.runtime.run import resume_distillation, run_distillation
+    from clpd_ray.runtime.storage import resolve
 
     resume = getattr(args, "resume", None)
     if resume is not None:
@@ -92,11 +93,14 @@ def cmd_run(args: argparse.Namespace, config_path: str | Path | None) -> int:
                 f"--resume {resume} continues that run with its own config.yaml; drop "
                 f"{', '.join(extra)} (a run cannot change its config midway)"
             )
-        summary = resume_distillation(resume, address=getattr(args, "address", None))
-        _print_result(summary, Path(resume))
+        where = resolve(resume)
+        summary = resume_distillation(where, address=getattr(args, "address", None))
+        _print_result(summary, where)
         return 0
     config = _load(config_path, args.set or [], args.quick)
-    out = Path(args.out) if args.out else _default_out(config)
+    # A local path is made absolute here, on the driver: actors on other nodes never see it
+    # relative to their own working directory.
+    out = resolve(args.out or _default_out(config))
     summary = run_distillation(config, out, address=getattr(args, "address", None))
     _print_result(summary, out)
     return 0
@@ -177,7 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a config key, e.g. train.total_steps=100",
         )
-        sp.add_argument("--out", help="run directory to create (default: runs/<time>-<policy>)")
+        sp.add_argument(
+            "--out",
+            help="run directory to create: a local path (shared by all nodes on a multi-node "
+            "cluster) or s3://bucket/prefix (default: runs/<time>-<policy>)",
+        )
         sp.add_argument("--quick", action="store_true", help="shrink budgets to a smoke test")
 
     d = sub.add_parser("demo", help="the embedded default end to end on local Ray")
@@ -188,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue a stopped run from its last checkpoint (same config, same final result)",
+        help="continue a stopped run (its --out: a path or s3:// URI) from its last checkpoint "
+        "(same config, same final result)",
     )
     common(r)
     r.add_argument(

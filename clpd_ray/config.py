@@ -8,7 +8,9 @@ applies ``a.b=c`` overrides (values parsed as YAML scalars), and validates. Any 
 from __future__ import annotations
 
 import itertools
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -23,9 +25,11 @@ from pydantic import (
     model_validator,
 )
 
+from clpd_ray._yaml import DuplicateKeyError, NotUtf8Error, decode_utf8, parse_yaml
 from clpd_ray.errors import ConfigError
 
 __all__ = [
+    "SEED_MAX",
     "ClusterConfig",
     "Config",
     "CurriculumConfig",
@@ -39,12 +43,34 @@ __all__ = [
     "TeachersConfig",
     "TrainConfig",
     "apply_overrides",
+    "check_path_name",
     "default_cache_dir",
     "load_config",
 ]
 
 LossKind = Literal["fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd"]
 TailMode = Literal["renormalise", "zero", "tail_bucket"]
+
+# The seed feeds numpy Generators (>= 0 only), torch.manual_seed (< 2**64) and seed offsets;
+# 2**32 - 1 is the range every one of them, and numpy's legacy np.random.seed, accepts.
+SEED_MAX = 2**32 - 1
+# A name that becomes a file, directory or actor name: no separators, never "." or "..".
+_PATH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_path_name(name: str, what: str) -> str:
+    """``name`` if it is safe as one path component, else ValueError naming ``what`` and the fix.
+
+    Teacher names become cache directories (``<cache>/teachers/<name>-<key>``) and actor names,
+    so a name like ``../x`` could read, write or delete outside the cache.
+    """
+    if not _PATH_NAME.fullmatch(name):
+        raise ValueError(
+            f"{what} {name!r} cannot be used: it names files and directories, so it must be 1-64 "
+            f"letters, digits, '.', '_' or '-', starting with a letter or digit (no '/', no "
+            f"spaces, not '.' or '..'); rename it, e.g. 't-large'"
+        )
+    return name
 
 
 class _Strict(BaseModel):
@@ -83,6 +109,11 @@ class TeacherSpec(ModelSpec):
     name: str = Field(min_length=1)
     train_steps: int = Field(1500, ge=1)
     lr: float = Field(3e-3, gt=0, le=1.0)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        return check_path_name(name, "teacher name")
 
 
 class TaskConfig(_Strict):
@@ -142,8 +173,20 @@ class DistillConfig(_Strict):
 class CurriculumConfig(_Strict):
     num_stages: int = Field(3, ge=1, le=64)
     scorer: Literal["steps", "length", "student_loss", "fusion"] = "steps"
+    # Difficulty-score thresholds: stage k holds scores in (b[k-1], b[k]] (curriculum.sampler).
     boundaries: list[float] | None = None
     replay: float = Field(0.0, ge=0, lt=1)
+
+    @field_validator("boundaries")
+    @classmethod
+    def _finite(cls, bounds: list[float] | None) -> list[float] | None:
+        if bounds is not None and not all(math.isfinite(b) for b in bounds):
+            raise ValueError(
+                f"{bounds} holds a value that is not a finite number; give "
+                f"finite difficulty scores where stages 1, 2, ... start, e.g. [2.5, 4.5], or drop "
+                f"the key for quantile stages"
+            )
+        return bounds
 
 
 class SchedulerConfig(_Strict):
@@ -151,6 +194,8 @@ class SchedulerConfig(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     probe_every: int = Field(50, ge=1)
     probe_size: int = Field(32, ge=1)
+    # Seconds one policy call (decide, state_dict, load_state_dict) may take before the run stops.
+    timeout_s: float = Field(300.0, gt=0)
 
 
 class TrainConfig(_Strict):
@@ -160,6 +205,8 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0)
     checkpoint_every: int = Field(200, ge=0)
+    # Committed checkpoints kept in the run directory (older ones are deleted after each commit).
+    keep_checkpoints: int = Field(2, ge=1)
 
 
 class ClusterConfig(_Strict):
@@ -182,6 +229,16 @@ class Config(_Strict):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_range(cls, seed: int) -> int:
+        if not 0 <= seed <= SEED_MAX:
+            raise ValueError(
+                f"{seed} is out of range; use an integer in [0, {SEED_MAX}] (0 to 2**32 - 1, "
+                f"what numpy and torch seeding both accept)"
+            )
+        return seed
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -230,7 +287,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 raise ConfigError(f"--set {item!r}: {'.'.join(parts[:-1])} is not a section")
             node = child
         try:
-            node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+            node[parts[-1]] = parse_yaml(value) if value != "" else ""
+        except DuplicateKeyError as err:
+            twice = ".".join([*parts, err.key])
+            raise ConfigError(
+                f"--set {item!r}: key {twice!r} is given twice; give it once"
+            ) from None
         except yaml.YAMLError:
             node[parts[-1]] = value
     return out
@@ -270,6 +332,31 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
         raise ConfigError(_format_error(err, source)) from None
 
 
+def _read_yaml_file(p: Path) -> Any:
+    """The parsed YAML file ``p``; every way it can be unreadable is a ConfigError naming it."""
+    try:
+        data = p.read_bytes()
+    except OSError as err:
+        raise ConfigError(
+            f"cannot read config file {p}: {err.strerror}; check its permissions"
+        ) from None
+    try:
+        return parse_yaml(decode_utf8(data))
+    except NotUtf8Error as err:
+        raise ConfigError(
+            f"{p}: not UTF-8 text: {err} is not valid UTF-8; save the file as UTF-8"
+        ) from None
+    except DuplicateKeyError as err:
+        raise ConfigError(
+            f"{p}: {err}; YAML would keep only the last one and silently drop the settings of "
+            f"the first: merge them into one"
+        ) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p}: not valid YAML{where}; fix the syntax") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load, override and validate a config. ``path=None`` gives the defaults."""
     raw: Any = {}
@@ -279,12 +366,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         source = str(p)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist; pass the path of a YAML file")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"{p}: not valid YAML{where}; fix the syntax") from None
+        raw = _read_yaml_file(p) or {}
     if overrides:
         if not isinstance(raw, dict):
             raise ConfigError(

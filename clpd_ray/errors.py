@@ -9,12 +9,16 @@ whose ``cause`` is the original instance).
 from __future__ import annotations
 
 __all__ = [
+    "ActorInitError",
     "ClpdError",
+    "ClusterError",
     "ConfigError",
     "DataError",
+    "DivergedError",
     "ModelLoadError",
     "PolicyError",
     "RunDirError",
+    "StorageError",
     "TokenizerMismatchError",
 ]
 
@@ -45,3 +49,22 @@ class PolicyError(ClpdError):
 
 class RunDirError(ClpdError):
     """The run directory cannot be used (exists already, or is not a run to resume)."""
+
+
+class StorageError(ClpdError):
+    """A storage location (local path or ``s3://`` URI) is malformed, unreachable or unreadable."""
+
+
+class ClusterError(ClpdError):
+    """The Ray cluster cannot be reached, refuses this client's credentials, or lacks the
+    resources the run needs (for example fewer GPUs than ``cluster.gpus_per_actor`` asks for)."""
+
+
+class ActorInitError(ClpdError):
+    """An actor's ``__init__`` raised (a model it cannot load, out of memory, ...): starting it
+    again would fail the same way, so the run stops with the actor's name, input and cause."""
+
+
+class DivergedError(ClpdError):
+    """A training step produced a non-finite loss or gradient: the step is not applied, and the
+    run stops naming the step and the setting that most likely caused it."""

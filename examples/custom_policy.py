@@ -31,6 +31,7 @@ def competence(step: int, ramp_steps: int, c0: float) -> float:
 class CompetencePolicy(SchedulerPolicy):
     name = "competence"
     curriculum = "difficulty"
+    reads_probes = False  # competence grows with the step count alone
 
     def __init__(self, c0: float = 0.1, ramp: float = 0.8) -> None:
         if not 0.0 < c0 <= 1.0:

@@ -14,13 +14,40 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def s3_endpoint():
+    """A local S3-compatible server (moto) for the session; the AWS_* variables point at it.
+
+    Set before Ray starts (``ray_cluster`` asks for it), so every Ray worker inherits them, as the
+    workers of a real cluster get them from their node's environment."""
+    import s3_server
+
+    server, endpoint = s3_server.start()
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in s3_server.s3_env(endpoint).items():
+            mp.setenv(k, v)
+        yield endpoint
+    server.stop()  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint) -> str:
+    """``s3://<a new, empty bucket>`` on the session's S3 server."""
+    import s3_server
+
+    return s3_server.new_bucket(s3_endpoint)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint):
     """A local Ray cluster (2 CPUs, 3 logical GPUs) shared by every test that needs Ray."""
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not ray.is_initialized():
         ray.init(
+            # A new cluster even when another `ray start` / cluster_utils cluster on this machine
+            # is recorded in /tmp/ray/ray_current_cluster (plain ray.init() would join it).
+            address="local",
             num_cpus=2,
             num_gpus=3,
             include_dashboard=False,
@@ -66,6 +93,9 @@ def tiny_config(ladder_cache):
             "curriculum": {"num_stages": 3},
             "scheduler": {"policy": "clpd", "probe_every": 10, "probe_size": 4},
             "train": {"total_steps": 30, "batch_size": 8, "log_every": 5, "checkpoint_every": 15},
+            # CPU bundles: the session cluster's 3 logical GPUs are fewer than 3 teachers + the
+            # student need, which is an error (no silent CPU fallback); GPU tests ask for them.
+            "cluster": {"gpus_per_actor": 0},
         }
         for k, v in sections.items():
             raw[k] = {**raw.get(k, {}), **v}

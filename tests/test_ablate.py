@@ -16,7 +16,7 @@ from scipy import stats as sps
 from clpd_ray.ablation.arms import DEFAULT_ARMS, parse_arms, run_config, single_arm_map
 from clpd_ray.ablation.runner import _run_threads, plan_runs, run_ablation
 from clpd_ray.cli import main
-from clpd_ray.errors import ClpdError
+from clpd_ray.errors import ClpdError, ClusterError
 from clpd_ray.runtime.capacity import default_parallel, runs_that_fit
 
 
@@ -207,12 +207,19 @@ def test_report_of_a_missing_directory_exits_2(tmp_path, capsys):
 
 @pytest.mark.ray
 def test_default_parallel_follows_the_launchers_bundles(ray_cluster, tiny_config):
-    # 2 CPUs, 3 logical GPUs. Three teachers + student need 4 GPUs, so bundles are CPU shares:
+    # 2 CPUs, 3 logical GPUs. tiny_config asks for CPU bundles (gpus_per_actor 0):
     # 5 x 0.2 CPU = 1 CPU a run, 2 fit, capped at CPUs // 2 = 1.
     assert (runs_that_fit(tiny_config()), default_parallel(tiny_config())) == (2, 1)
     # Two teachers + student get a logical GPU each: one run at a time.
-    two = tiny_config(teachers={"ladder": TINY_LADDER[:2]}, curriculum={"num_stages": 2})
+    two = tiny_config(
+        teachers={"ladder": TINY_LADDER[:2]},
+        curriculum={"num_stages": 2},
+        cluster={"gpus_per_actor": 1},
+    )
     assert runs_that_fit(two) == 1
+    # Three teachers + student would need 4 GPUs: an error, not a silent CPU fallback.
+    with pytest.raises(ClusterError, match="needs 4 GPUs"):
+        runs_that_fit(tiny_config("cluster.gpus_per_actor=1"))
 
 
 QUICK = [

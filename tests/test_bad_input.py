@@ -10,6 +10,7 @@ The config-level messages themselves are pinned in test_config.py and test_cli.p
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,23 @@ class BadAt12(SchedulerPolicy):
 """
 
 
+BLOCKING_POLICY = """
+import time
+
+from clpd_ray.policies import Decision, SchedulerPolicy
+
+
+class BlocksAt6(SchedulerPolicy):
+    name = "blocks_at_6"
+    reads_probes = False
+
+    def decide(self, obs):
+        if obs.step >= 6:
+            time.sleep(3600)
+        return Decision(stage=0, teacher=0, reason="stage 0")
+"""
+
+
 RAISING_POLICY = """from clpd_ray.policies import SchedulerPolicy
 
 
@@ -44,6 +62,58 @@ class Raises(SchedulerPolicy):
 """
 
 
+RAISING_INIT_POLICY = """from clpd_ray.policies import SchedulerPolicy
+
+
+class RaisesInInit(SchedulerPolicy):
+    name = "raises_in_init"
+
+    def __init__(self):
+        raise RuntimeError("no config for me")
+
+    def decide(self, obs):
+        raise AssertionError("never called")
+"""
+
+RAISING_BIND_POLICY = """from clpd_ray.policies import SchedulerPolicy
+
+
+class RaisesInBind(SchedulerPolicy):
+    name = "raises_in_bind"
+
+    def bind(self, *, num_stages, num_teachers, total_steps):
+        return {}["window"]
+
+    def decide(self, obs):
+        raise AssertionError("never called")
+"""
+
+NUMPY_STATE_POLICY = """import numpy as np
+
+from clpd_ray.policies import Decision, SchedulerPolicy
+
+
+class NumpyState(SchedulerPolicy):
+    name = "numpy_state"
+    curriculum = "none"
+
+    def __init__(self, extra=None):
+        self.ema = np.float32(0.25)
+        self.extra = extra
+
+    def decide(self, obs):
+        self.ema = np.float32(0.5) * self.ema + np.float32(obs.step)
+        return Decision(stage=0, teacher=0, reason="numpy numbers")
+
+    def state_dict(self):
+        state = {"ema": self.ema, "seen": np.arange(3), "steps": (np.int64(2), np.bool_(True))}
+        return state if self.extra is None else {**state, "extra": {1, 2}}
+
+    def load_state_dict(self, state):
+        self.ema = np.float32(state["ema"])
+"""
+
+
 def _snapshot(root: Path) -> dict[str, bytes | None]:
     return {
         str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
@@ -51,17 +121,23 @@ def _snapshot(root: Path) -> dict[str, bytes | None]:
     }
 
 
-def _existing_run(path: Path, config_text: str) -> Path:
+def _existing_run(path: Path, config_text: str | bytes) -> Path:
     """A run stopped at step 7 with a checkpoint at 5: what a resume would rewind, if it ran."""
+    from clpd_ray.runtime.rundir import RunDir, sha256
+
     ckpt = path / "checkpoints" / "step-0000005"
     ckpt.mkdir(parents=True)
-    (path / "checkpoints" / ".step-0000010.tmp").mkdir()
-    (path / "config.yaml").write_text(config_text)
+    (path / "checkpoints" / "step-0000010").mkdir()  # started by the student, never committed
+    raw = config_text if isinstance(config_text, bytes) else config_text.encode()
+    (path / "config.yaml").write_bytes(raw)
     (path / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (5, 7)))
     (path / "decisions.jsonl").write_text(json.dumps({"step": 0, "stage": 0}) + "\n")
-    for name in ("student.safetensors", "student_optim.pt", "student.json"):
+    files = {}
+    for name in ("student.safetensors", "student_optim.pt"):
         (ckpt / name).write_bytes(b"kept as is")
-    (ckpt / "controller.json").write_text(json.dumps({"step": 5}))
+        files[name] = {"size": 10, "sha256": sha256(b"kept as is")}
+    (ckpt / "student.json").write_text(json.dumps({"step": 5, "files": files}))
+    RunDir(path).commit_checkpoint(5, {"step": 5})  # controller.json, then the manifest
     return path
 
 
@@ -89,6 +165,21 @@ def inputs(tmp_path_factory):
     (corrupt / "config.json").write_text((root / "other_vocab" / "config.json").read_text())
     (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
     (root / "broken_policy_mod.py").write_text(BROKEN_POLICY)
+    (root / "init_policy_mod.py").write_text(RAISING_INIT_POLICY)
+    (root / "bind_policy_mod.py").write_text(RAISING_BIND_POLICY)
+    # A model with the task's own tokenizer, so external data reaches the stage split.
+    task_tok = build_char_tokenizer()
+    task_model = build_model(ModelSpec(n_layer=1, n_embd=16, n_head=2), task_tok)
+    task_model.save_pretrained(root / "task_vocab")
+    task_tok.save_pretrained(root / "task_vocab")
+    one_step = [{"question": f"{i}+1?", "answer": f"{i}+1={i + 1}\n#### {i + 1}"} for i in range(8)]
+    (root / "one_step.jsonl").write_text("".join(json.dumps(r) + "\n" for r in one_step))
+    (root / "four_rows.jsonl").write_text(
+        "".join(
+            json.dumps({**r, "answer": "a\n" * i + r["answer"]}) + "\n"
+            for i, r in enumerate(one_step[:4])
+        )
+    )
     return root
 
 
@@ -96,6 +187,22 @@ def _ladder_with(path: Path | str) -> str:
     from conftest import TINY_LADDER
 
     return "teachers.ladder=" + json.dumps([*TINY_LADDER[:2], {"name": "ext", "path": str(path)}])
+
+
+def _external_data(name: str) -> list[str]:
+    """Overrides for a dataset of ``inputs`` with three teachers (and the student) that share
+    its tokenizer, so the workload builds and the stage split is reached."""
+    ladder = [{"name": f"x{i}", "path": "{root}/task_vocab"} for i in range(3)]
+    return [
+        f"data.path={{root}}/{name}",
+        "data.eval_fraction=0.5",
+        "student.path={root}/task_vocab",
+        "teachers.ladder=" + json.dumps(ladder),
+    ]
+
+
+DUPLICATED_TRAIN = "train:\n  total_steps: 5\nseed: 0\ntrain:\n  batch_size: 4\n"
+ESCAPING_TEACHER = [{"name": "../../../escaped-x", "n_layer": 1, "n_embd": 16, "n_head": 2}]
 
 
 # id -> (overrides, or raw config text; words the message must contain)
@@ -146,7 +253,84 @@ CASES = {
         ["scheduler.policy=broken_policy_mod:Policy"],
         ["broken_policy_mod", "RuntimeError", "this module is broken"],
     ),
+    "policy_init_raises": (
+        ["scheduler.policy=init_policy_mod:RaisesInInit"],
+        [
+            "policy 'raises_in_init' raised RuntimeError: no config for me in __init__(**{})",
+            "init_policy_mod.py:8)",
+            "fix the policy or scheduler.kwargs",
+        ],
+    ),
+    "policy_bind_raises": (
+        ["scheduler.policy=bind_policy_mod:RaisesInBind"],
+        [
+            "policy 'raises_in_bind' raised KeyError: 'window' in bind(num_stages=3, num_teachers=3",
+            "bind_policy_mod.py:8)",
+            "fix the policy",
+        ],
+    ),
+    "seed_negative": (["seed=-1"], ["seed: -1 is out of range", "[0, 4294967295]"]),
+    "seed_over_32_bits": (["seed=18446744073709551616"], ["seed", "[0, 4294967295]"]),
+    "boundaries_nan": (
+        ["curriculum.boundaries=[.nan, .nan]"],
+        ["curriculum.boundaries: [nan, nan]", "not a finite number"],
+    ),
+    "boundaries_beyond_the_task": (
+        ["curriculum.boundaries=[2.5, 3.5]"],
+        ["curriculum.boundaries=[2.5, 3.5]", "difficulties 1..3", "stage 2", "is empty"],
+    ),
+    "duplicated_section": (
+        DUPLICATED_TRAIN,
+        ["config.yaml: key 'train' appears twice (lines 1 and 4)", "merge them into one"],
+    ),
+    "not_utf8": (
+        b"seed: 0\n# caf\xe9\n",
+        [
+            "config.yaml: not UTF-8 text: byte 0xe9 at byte position 13 (line 2, column 6)",
+            "save the file as UTF-8",
+        ],
+    ),
+    "teacher_name_escapes": (
+        ["teachers.ladder=" + json.dumps(ESCAPING_TEACHER)],
+        ["teachers.ladder.0.name", "'../../../escaped-x' cannot be used", "rename it"],
+    ),
+    "task_levels_below_stages": (
+        ["task.max_difficulty=2"],
+        [
+            "task.max_difficulty=2 gives 2 difficulty levels",
+            "curriculum.num_stages=3",
+            "policy 'clpd'",
+            "standard_kd",
+        ],
+    ),
+    "dataset_too_small_for_stages": (
+        _external_data("four_rows.jsonl"),
+        ["four_rows.jsonl", "2 examples cannot fill 3 curriculum stages", "at most 2 stages"],
+    ),
+    "all_rows_same_difficulty": (
+        _external_data("one_step.jsonl"),
+        [
+            "one_step.jsonl",
+            "4 training examples have 1 distinct difficulty score(s) (1;",
+            "num_stages=3",
+            "policy 'clpd'",
+            "another curriculum.scorer",
+        ],
+    ),
 }
+# Mistakes found from the config alone: `clpd validate` refuses them too, with the same words.
+CONFIG_LEVEL = [
+    "seed_negative",
+    "seed_over_32_bits",
+    "boundaries_nan",
+    "boundaries_beyond_the_task",
+    "duplicated_section",
+    "not_utf8",
+    "teacher_name_escapes",
+    "task_levels_below_stages",
+    "policy_init_raises",
+    "policy_bind_raises",
+]
 
 
 @pytest.fixture
@@ -172,22 +356,27 @@ def _check_error(capsys, code: int, needles: list[str]) -> str:
     return err
 
 
+def _case_text(spec: str | bytes | list[str], inputs: Path, tiny_config) -> bytes:
+    """The config file of a case: raw text or bytes as given, or the tiny config + overrides."""
+    if isinstance(spec, bytes):
+        return spec
+    if isinstance(spec, str):
+        return spec.encode()
+    overrides = [o.replace("{root}", str(inputs)) for o in spec]
+    return yaml.safe_dump(apply_overrides(tiny_config().to_dict(), overrides)).encode()
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_exits_2_and_writes_nothing(
     case, inputs, tiny_config, tmp_path, capsys, monkeypatch, no_runs
 ):
     monkeypatch.syspath_prepend(str(inputs))
-    spec, needles = CASES[case]
-    base = tiny_config().to_dict()
-    if isinstance(spec, str):
-        text = spec
-    else:
-        overrides = [o.replace("{root}", str(inputs)) for o in spec]
-        text = yaml.safe_dump(apply_overrides(base, overrides))
+    text = _case_text(CASES[case][0], inputs, tiny_config)
+    needles = CASES[case][1]
 
     # 1. A new run: refused, and no run directory appears.
     cfg = tmp_path / "config.yaml"
-    cfg.write_text(text)
+    cfg.write_bytes(text)
     new = tmp_path / "new-run"
     _check_error(capsys, main(["run", str(cfg), "--out", str(new)]), needles)
     assert not new.exists()
@@ -197,6 +386,16 @@ def test_bad_input_exits_2_and_writes_nothing(
     before = _snapshot(existing)
     _check_error(capsys, main(["run", "--resume", str(existing)]), needles)
     assert _snapshot(existing) == before
+
+
+@pytest.mark.parametrize("case", CONFIG_LEVEL)
+def test_validate_refuses_what_the_run_refuses(
+    case, inputs, tiny_config, tmp_path, capsys, monkeypatch, no_runs
+):
+    monkeypatch.syspath_prepend(str(inputs))
+    cfg = tmp_path / "config.yaml"
+    cfg.write_bytes(_case_text(CASES[case][0], inputs, tiny_config))
+    _check_error(capsys, main(["validate", str(cfg)]), CASES[case][1])
 
 
 def test_missing_config_file_creates_nothing(tmp_path, capsys, no_runs):
@@ -246,7 +445,10 @@ def test_run_takes_a_config_or_resume_not_both(tmp_path, capsys, tiny_config, ar
 
 def test_torn_checkpoint_is_named_on_resume(tmp_path, capsys, tiny_config, no_runs):
     run = _existing_run(tmp_path / "run", yaml.safe_dump(tiny_config().to_dict()))
-    (run / "checkpoints" / "step-0000005" / "controller.json").unlink()
+    # Same size, other content: the manifest's hash tells.
+    (run / "checkpoints" / "step-0000005" / "controller.json").write_text(
+        json.dumps({"step": 6}, indent=2)
+    )
     before = _snapshot(run)
     code = main(["run", "--resume", str(run)])
     _check_error(capsys, code, ["step-0000005", "incomplete", "controller.json", "delete it"])
@@ -283,8 +485,8 @@ def test_invalid_decision_stops_the_run_and_keeps_the_last_checkpoint(
     # resumes runs from such checkpoints end to end).
     run = RunDir(out)
     ckpt = run.latest_checkpoint()
-    assert ckpt is not None and ckpt.name == "step-0000005"
-    assert not list(run.checkpoints.glob(".*"))  # no half-written checkpoint
+    assert ckpt is not None and ckpt.endswith("step-0000005")
+    assert (out / "checkpoints" / "step-0000005" / "manifest.json").is_file()
     state = run.read_checkpoint(ckpt)
     assert state["step"] == 5 and state["policy_name"] == "bad_at_12"
     tok = tmp_path / "tok"
@@ -292,6 +494,30 @@ def test_invalid_decision_stops_the_run_and_keeps_the_last_checkpoint(
 
     build_char_tokenizer().save_pretrained(tok)
     assert StudentTrainer(config, tok).restore(ckpt) == 5
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_policy_that_blocks_is_stopped_by_the_timeout(
+    ray_cluster, tiny_config, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "blocking_policy_mod.py").write_text(BLOCKING_POLICY)
+    config = tiny_config(
+        "scheduler.policy=blocking_policy_mod:BlocksAt6",
+        "scheduler.timeout_s=2",
+        "train.total_steps=12",
+        "train.checkpoint_every=0",
+    )
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(config.to_dict()))
+    start = time.monotonic()
+    _check_error(
+        capsys,
+        main(["run", str(cfg), "--out", str(tmp_path / "run")]),
+        ["policy 'blocks_at_6': decide() at step 6 did not return", "scheduler.timeout_s=2"],
+    )
+    assert time.monotonic() - start < 120
 
 
 def test_a_policy_that_raises_is_named(tiny_config, tmp_path, capsys, monkeypatch):
@@ -330,7 +556,7 @@ def test_package_error_in_an_actor_init_is_reported_as_bad_input(ray_cluster):
     import ray
 
     from clpd_ray.errors import ClpdError, ModelLoadError
-    from clpd_ray.runtime.controller import unwrap
+    from clpd_ray.runtime.executor import unwrap
 
     class Loader:
         def __init__(self) -> None:
@@ -342,3 +568,219 @@ def test_package_error_in_an_actor_init_is_reported_as_bad_input(ray_cluster):
     actor = ray.remote(Loader).options(max_restarts=-1, max_task_retries=-1).remote()
     with pytest.raises(ClpdError, match=r"^cannot load a causal LM from /models/x: broken shard"):
         unwrap(actor.ping.remote(), timeout=120)
+
+
+# --- policy code that raises or keeps numpy state ------------------------------------------------
+
+
+def _scheduler(policy: str, tiny_config, tmp_path: Path, kwargs: dict | None = None):
+    from clpd_ray.data.tokenizer import build_char_tokenizer
+    from clpd_ray.runtime.actors.scheduler import SchedulerService
+
+    build_char_tokenizer().save_pretrained(tmp_path / "tok")
+    return SchedulerService(
+        policy,
+        kwargs,
+        num_stages=3,
+        teacher_names=["t0", "t1", "t2"],
+        total_steps=10,
+        student_spec=tiny_config().student,
+        tokenizer_dir=tmp_path / "tok",
+    )
+
+
+def _obs(step: int):
+    from clpd_ray.messages import Observation
+
+    return Observation(
+        step=step,
+        total_steps=10,
+        stage=0,
+        num_stages=3,
+        teacher=0,
+        num_teachers=3,
+        steps_in_stage=0,
+    )
+
+
+def test_numpy_policy_state_is_stored_as_json(tiny_config, tmp_path, monkeypatch):
+    """np.float32 and friends in state_dict() used to crash the first checkpoint's json.dump."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "numpy_state_mod.py").write_text(NUMPY_STATE_POLICY)
+    service = _scheduler("numpy_state_mod:NumpyState", tiny_config, tmp_path)
+    _, before = service.decide(_obs(0))
+    assert before == {"ema": 0.25, "seen": [0, 1, 2], "steps": [2, True]}
+    state = service.state_dict()
+    assert json.loads(json.dumps(state)) == state == {**before, "ema": 0.125}
+    assert all(type(v) in (float, list) for v in state.values())
+    service.load_state_dict(state)  # what a restore gives the policy back
+    assert service.state_dict() == state
+
+
+def test_policy_state_json_cannot_hold_is_named(tiny_config, tmp_path, monkeypatch):
+    from clpd_ray.errors import PolicyError
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "numpy_state_mod.py").write_text(NUMPY_STATE_POLICY)
+    service = _scheduler("numpy_state_mod:NumpyState", tiny_config, tmp_path, {"extra": True})
+    with pytest.raises(PolicyError, match=r"policy 'numpy_state': state_dict\(\) holds a set at "):
+        service.decide(_obs(0))
+    with pytest.raises(PolicyError, match=r"state\['extra'\], which JSON cannot store"):
+        service.state_dict()
+
+
+def test_to_jsonable_converts_numpy_and_names_the_rest():
+    import numpy as np
+
+    from clpd_ray.policies import to_jsonable
+
+    value = {np.int64(1): [np.float32(0.5), (np.bool_(False), np.zeros((2, 1)))], "s": np.str_("x")}
+    out = to_jsonable(value)
+    assert out == {1: [0.5, [False, [[0.0], [0.0]]]], "s": "x"}
+    assert type(next(iter(out))) is int and type(out[1][0]) is float
+    with pytest.raises(TypeError, match=r"holds a object at state\['a'\]\[1\]"):
+        to_jsonable({"a": [1, object()]})
+
+
+def test_a_policy_whose_state_dict_raises_is_named(tiny_config, tmp_path, monkeypatch):
+    from clpd_ray.errors import PolicyError
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "state_raises_mod.py").write_text(
+        NUMPY_STATE_POLICY.replace('state = {"ema"', 'state = {"x": 1 / 0, "ema"')
+    )
+    service = _scheduler("state_raises_mod:NumpyState", tiny_config, tmp_path)
+    with pytest.raises(PolicyError) as err:
+        service.state_dict()
+    text = str(err.value)
+    assert "policy 'numpy_state' raised ZeroDivisionError" in text and "in state_dict()" in text
+    assert "state_raises_mod.py:" in text and text.endswith("fix the policy")
+
+
+def test_a_builtin_policy_bug_stays_an_internal_error(tiny_config, tmp_path, capsys, monkeypatch):
+    """Only user code is reported as bad input; a bug in clpd's own policies keeps its traceback."""
+    from clpd_ray.policies import ClpdPolicy, bind_policy
+
+    def broken_bind(self, **geometry):
+        raise ZeroDivisionError("a clpd bug")
+
+    monkeypatch.setattr(ClpdPolicy, "bind", broken_bind)
+    with pytest.raises(ZeroDivisionError):
+        bind_policy(ClpdPolicy(), num_stages=3, num_teachers=3, total_steps=30)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config().to_dict()))
+    assert main(["validate", str(cfg)]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+# --- names in paths ----------------------------------------------------------------------------
+
+
+def test_ladder_never_touches_paths_outside_its_cache(tiny_config, tmp_path):
+    """Defence in depth behind config validation: a teacher name that escapes the cache (a
+    config built without validation) is refused before anything is deleted or written."""
+    from clpd_ray.config import TeacherSpec
+    from clpd_ray.data.tokenizer import build_char_tokenizer
+    from clpd_ray.distill.ladder import ensure_ladder, train_teacher
+    from clpd_ray.errors import ConfigError
+
+    victim = tmp_path / "escaped-x"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me")
+    cache = tmp_path / "a" / "b"
+    good = tiny_config(f"teachers.cache_dir={cache}")
+    bad = TeacherSpec.model_construct(**{**good.teachers.ladder[0].model_dump(), "name": "../../x"})
+    config = good.model_copy(
+        update={"teachers": good.teachers.model_copy(update={"ladder": [bad]})}
+    )
+    tok = build_char_tokenizer()
+    with pytest.raises(ConfigError, match=r"teacher name '\.\./\.\./x' cannot be used"):
+        ensure_ladder(config, tok, [], [], progress=False)
+    with pytest.raises(ValueError, match="not a plain cache entry"):
+        train_teacher(bad, tok, [], [], batch_size=2, seed=0, out_dir=cache / ".." / "escaped-x")
+    assert (victim / "precious.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["escaped-x"]
+
+
+@pytest.mark.parametrize("name", ["t-small", "T1.v2_x", "a" * 64])
+def test_arm_slugs_of_valid_teachers_are_single_path_components(tiny_config, name):
+    from clpd_ray.ablation.arms import parse_arms
+
+    ladder = [{"name": name, "n_layer": 1, "n_embd": 16, "n_head": 2}]
+    config = tiny_config("teachers.ladder=" + json.dumps(ladder), "curriculum.num_stages=1")
+    (arm,) = parse_arms([f"single:{name}"], config)
+    assert arm.slug == f"single_{name}" and "/" not in arm.slug
+
+
+# --- stages that cannot be formed -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("curriculum", ["none", "random"])
+def test_equal_difficulties_are_fine_without_a_difficulty_curriculum(tiny_config, curriculum):
+    import numpy as np
+
+    from clpd_ray.curriculum.checks import check_stages
+
+    stages = check_stages(tiny_config(), np.ones(9), "p", curriculum)
+    assert [len(s) for s in stages] == [3, 3, 3]
+
+
+def test_too_few_difficulty_levels_are_refused_with_the_fix(tiny_config):
+    import numpy as np
+
+    from clpd_ray.curriculum.checks import check_stages
+    from clpd_ray.errors import DataError
+
+    config = tiny_config()
+    assert [len(s) for s in check_stages(config, np.array([1, 1, 2, 3.0]), "clpd", "difficulty")]
+    with pytest.raises(DataError) as err:
+        check_stages(config, np.array([1, 2, 1, 2.0]), "clpd", "difficulty")
+    text = str(err.value)
+    assert text.startswith("the embedded task (task.train_size=300): the 4 training examples")
+    assert "2 distinct difficulty score(s) (1, 2;" in text and "use at most 2 stage(s)" in text
+
+
+def test_boundaries_that_leave_a_stage_empty_are_refused(tiny_config):
+    import numpy as np
+
+    from clpd_ray.curriculum.checks import check_stages
+    from clpd_ray.errors import DataError
+
+    config = tiny_config("curriculum.boundaries=[10, 20]")
+    with pytest.raises(DataError, match=r"curriculum stage 1 \(scores in \(10, 20\]\) is empty"):
+        check_stages(config, np.arange(1.0, 9.0), "clpd", "difficulty")
+
+
+# --- torn JSONL files ------------------------------------------------------------------------------
+
+PUBLISHED = Path(__file__).resolve().parents[1] / "docs" / "results" / "fkl-long-last-stage"
+
+
+def test_report_reads_the_good_rows_of_a_torn_results_file(tmp_path, capsys, caplog):
+    """A crash mid-append leaves a torn last line: the report skips it and says so."""
+    import shutil
+
+    copy = tmp_path / "ablation"
+    shutil.copytree(PUBLISHED, copy)
+    with open(copy / "results.jsonl", "a") as f:
+        f.write('{"arm": "clpd", "seed": 9, "accur')
+    assert main(["report", str(copy)]) == 0, capsys.readouterr().err
+    summary = json.loads((copy / "summary.json").read_text())
+    assert summary == json.loads((PUBLISHED / "summary.json").read_text())
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert "results.jsonl: its last line 11 is torn (not complete JSON" in warning
+    assert "ignored it and read the 10 rows before it" in warning
+
+
+def test_a_damaged_line_inside_a_results_file_is_named(tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "ablation"
+    shutil.copytree(PUBLISHED, copy)
+    lines = (copy / "results.jsonl").read_text().splitlines(keepends=True)
+    (copy / "results.jsonl").write_text("".join([*lines[:3], '{"arm": "cl\n', *lines[3:]]))
+    _check_error(
+        capsys,
+        main(["report", str(copy)]),
+        ["results.jsonl: line 4 is not valid JSON", "not the last line", "fix or delete that line"],
+    )

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shlex
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,8 @@ import jsonschema
 import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
+
+from clpd_ray.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "cluster.yaml"
@@ -184,14 +188,89 @@ def _container(spec: dict[str, Any]) -> dict[str, Any]:
     return containers[0]
 
 
-def test_rayjob_structure(rayjob: dict[str, Any]) -> None:
+def test_rayjob_crd_fields(rayjob: dict[str, Any]) -> None:
+    """The RayJob fields KubeRay (ray.io/v1) reads, with the types it expects."""
     assert rayjob["apiVersion"] == "ray.io/v1"
     assert rayjob["kind"] == "RayJob"
+    assert rayjob["metadata"]["name"]
     spec = rayjob["spec"]
-    assert spec["entrypoint"] == "clpd run configs/demo.yaml --address auto"
+    assert isinstance(spec["entrypoint"], str) and spec["entrypoint"].strip()
+    assert spec["submissionMode"] in {"K8sJobMode", "HTTPMode", "SidecarMode", "InteractiveMode"}
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert isinstance(spec["ttlSecondsAfterFinished"], int)
+    assert isinstance(spec["rayClusterSpec"], dict)
+    # runtimeEnvYAML is a string of YAML: KubeRay converts it to JSON for `ray job submit`.
+    assert isinstance(spec["runtimeEnvYAML"], str)
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
-    assert runtime_env["working_dir"]
+    assert isinstance(runtime_env, dict)
+    assert isinstance(runtime_env["working_dir"], str) and "://" in runtime_env["working_dir"]
+    assert isinstance(runtime_env["pip"], list) and runtime_env["pip"]
+    assert all(isinstance(v, str) for v in runtime_env["env_vars"].values())
+    # The run directory goes to storage: the cluster's disks vanish with it.
+    assert runtime_env["env_vars"]["CLPD_OUT"].startswith("s3://")
 
+
+def _entrypoint(rayjob: dict[str, Any]) -> tuple[Path, Path]:
+    """(script, config) of ``bash <script> <config>``, as paths in this repository."""
+    argv = shlex.split(rayjob["spec"]["entrypoint"])
+    assert argv[0] == "bash" and len(argv) == 3, argv
+    return ROOT / argv[1], ROOT / argv[2]
+
+
+def test_rayjob_runs_a_real_config_shipped_as_a_regular_file(rayjob: dict[str, Any]) -> None:
+    script, config = _entrypoint(rayjob)
+    for path in (script, config):
+        # A working_dir zip delivers a symlink as a text file holding its target.
+        assert path.is_file() and not path.is_symlink(), path
+    assert config.name != "demo.yaml"
+    loaded = load_config(config)
+    assert loaded.cluster.gpus_per_actor == 1  # one GPU per teacher / student pod
+    groups = {g["groupName"]: g for g in rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    assert groups["teachers"]["replicas"] >= len(loaded.teachers.ladder)
+
+
+def test_every_shipped_config_is_a_regular_file() -> None:
+    shipped = [*(ROOT / "configs").iterdir(), *(ROOT / "clpd_ray" / "configs").iterdir()]
+    links = [str(p.relative_to(ROOT)) for p in shipped if p.is_symlink()]
+    assert links == []
+
+
+def test_rayjob_entrypoint_script_puts_the_run_in_storage(
+    rayjob: dict[str, Any], tmp_path: Path
+) -> None:
+    script, config = _entrypoint(rayjob)
+    fake = tmp_path / "bin" / "clpd"  # records the command line it is given
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{fake.parent}:/usr/bin:/bin", "CLPD_OUT": "s3://bucket/clpd/"}
+    rel = str(config.relative_to(ROOT))
+    run = subprocess.run(
+        ["bash", str(script), rel], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30
+    )
+    assert run.returncode == 0, run.stderr
+    argv = run.stdout.splitlines()
+    assert argv[:4] == ["run", rel, "--address", "auto"]
+    assert argv[4] == "--out"
+    assert re.fullmatch(rf"s3://bucket/clpd/\d{{8}}-\d{{6}}-{config.stem}", argv[5]), argv[5]
+    # Without CLPD_OUT it stops and says what to set, before starting anything.
+    del env["CLPD_OUT"]
+    run = subprocess.run(
+        ["bash", str(script), rel], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30
+    )
+    assert run.returncode != 0 and "set CLPD_OUT" in run.stderr
+
+
+def test_every_ray_pod_gets_the_storage_credentials(rayjob: dict[str, Any]) -> None:
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        refs = [e["secretRef"]["name"] for e in _container(group).get("envFrom", [])]
+        assert refs == ["clpd-s3"], group.get("groupName", "head")
+
+
+def test_rayjob_structure(rayjob: dict[str, Any]) -> None:
+    spec = rayjob["spec"]
     cluster = spec["rayClusterSpec"]
     assert cluster["authOptions"]["mode"] == "token"
     assert cluster["rayVersion"]

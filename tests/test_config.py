@@ -296,3 +296,102 @@ def test_default_cache_dir_then_home(monkeypatch, tmp_path):
     assert default_cache_dir(Config()) == tmp_path / ".cache" / "clpd_ray"
     monkeypatch.setenv("CLPD_CACHE", "")  # empty means unset
     assert default_cache_dir(None) == tmp_path / ".cache" / "clpd_ray"
+
+
+# --- what validation must refuse, because the run would ---------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**32 - 1])
+def test_seeds_in_range_are_accepted(seed):
+    assert load_config(None, [f"seed={seed}"]).seed == seed
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**64])
+def test_seeds_numpy_or_torch_refuse_are_refused_with_the_range(seed):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"seed={seed}"])
+    assert f"seed: {seed} is out of range; use an integer in [0, 4294967295]" in str(info.value)
+
+
+@pytest.mark.parametrize("bounds", ["[.nan, .nan]", "[1.5, .inf]", "[-.inf, 2]"])
+def test_boundaries_must_be_finite(bounds):
+    with pytest.raises(ConfigError, match="not a finite number") as info:
+        load_config(None, [f"curriculum.boundaries={bounds}"])
+    assert "curriculum.boundaries" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["t-small", "T1.v2_x", "7b", "a" * 64])
+def test_teacher_names_that_are_safe_path_components_are_accepted(name):
+    cfg = load_config(None, [f"teachers.ladder=[{{name: '{name}'}}]", "curriculum.num_stages=1"])
+    assert cfg.teachers.ladder[0].name == name
+
+
+@pytest.mark.parametrize(
+    "name", ["../../../escaped-x", "..", ".", "a/b", "/abs", ".hidden", "-x", "has space", "a" * 65]
+)
+def test_teacher_names_that_could_leave_the_cache_are_refused(name):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"teachers.ladder=[{{name: '{name}'}}]", "curriculum.num_stages=1"])
+    msg = str(info.value)
+    assert f"teachers.ladder.0.name: teacher name {name!r} cannot be used" in msg
+    assert "rename it" in msg
+
+
+# --- strict YAML ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "lines"),
+    [
+        ("train:\n  total_steps: 5\nseed: 1\ntrain:\n  batch_size: 4\n", "'train'", "1 and 4"),
+        ("train:\n  total_steps: 5\n  total_steps: 6\n", "'train.total_steps'", "2 and 3"),
+        (
+            "teachers:\n  ladder:\n    - {name: a, n_layer: 1, n_layer: 2}\n",
+            "'teachers.ladder.0.n_layer'",
+            "3 and 3",
+        ),
+    ],
+)
+def test_duplicated_keys_are_refused_naming_key_and_lines(tmp_path, text, key, lines):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: key {key} appears twice (lines {lines})")
+    assert "merge them into one" in str(info.value)
+
+
+def test_a_merge_key_may_be_overridden(tmp_path):
+    text = (
+        "teachers:\n  ladder:\n"
+        "    - &t {name: a, n_layer: 1, n_embd: 16, n_head: 2}\n"
+        "    - {<<: *t, name: b, n_embd: 24}\n"
+    )
+    ladder = load_config(_write(tmp_path, text)).teachers.ladder
+    assert [(t.name, t.n_layer, t.n_embd) for t in ladder] == [("a", 1, 16), ("b", 1, 24)]
+
+
+def test_duplicated_keys_in_a_set_value_are_refused():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["teachers.ladder=[{name: a, name: b}]"])
+    assert str(info.value) == (
+        "--set 'teachers.ladder=[{name: a, name: b}]': key 'teachers.ladder.0.name' is given "
+        "twice; give it once"
+    )
+
+
+def test_a_config_that_is_not_utf8_is_named_with_the_byte(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("seed: 1\n# réglages\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"{path}: not UTF-8 text: byte 0xe9 at byte position 11 (line 2, column 4) is not valid "
+        "UTF-8; save the file as UTF-8"
+    )
+
+
+def test_utf8_with_or_without_a_byte_order_mark_is_read(tmp_path):
+    for prefix in (b"", b"\xef\xbb\xbf"):
+        path = tmp_path / "u.yaml"
+        path.write_bytes(prefix + "# réglages ✓\nseed: 4\n".encode())
+        assert load_config(path).seed == 4

@@ -18,7 +18,7 @@ def _jsonl(path):
 
 
 def test_clpd_run_writes_the_contract_and_follows_the_schedule(ray_cluster, tiny_config, tmp_path):
-    config = tiny_config()
+    config = tiny_config("train.eval_every=10")
     out = tmp_path / "run"
     summary = run_distillation(config, out, progress=False)
 
@@ -32,6 +32,18 @@ def test_clpd_run_writes_the_contract_and_follows_the_schedule(ray_cluster, tiny
 
     metrics = _jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [5, 10, 15, 20, 25, 30]
+    # Rows carry the stage and teacher of the steps they aggregate (stage clock: 10 steps each).
+    assert [(m["stage"], m["teacher"]) for m in metrics] == [
+        (0, "t0"),
+        (0, "t0"),
+        (1, "t1"),
+        (1, "t1"),
+        (2, "t2"),
+        (2, "t2"),
+    ]
+    evals = _jsonl(out / "eval.jsonl")  # train.eval_every=10, not after the last step
+    assert [e["step"] for e in evals] == [10, 20]
+    assert all(0.0 <= e["accuracy"] <= 1.0 and e["n"] == 30 for e in evals)
     for m in metrics:
         assert {"step", "stage", "teacher", "loss", "lr", "tokens_per_s"} <= m.keys()
         assert m["loss"] > 0 and m["tokens_per_s"] > 0

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -197,37 +198,6 @@ def test_scheduler_state_round_trip_gives_the_same_decisions(tmp_path, tiny_conf
     assert [b.decide(obs(j, losses[j]))[0] for j in range(4, 8)] == expected
 
 
-def test_rundir_rewind_and_torn_checkpoints(tmp_path, tiny_config):
-    from clpd_ray.errors import RunDirError
-    from clpd_ray.runtime.rundir import RunDir
-
-    rd = RunDir.create(tmp_path / "run", tiny_config())
-    for step in (5, 10, 15, 20):
-        rd.metrics({"step": step, "loss": 1.0})
-    for step in (0, 9, 10, 14):
-        rd.decision({"step": step})
-    with open(rd.path / "metrics.jsonl", "a") as f:
-        f.write('{"step": 25, "lo')  # a crash mid-append
-    good = rd.checkpoint_tmp(10)
-    for name in ("student.safetensors", "student_optim.pt", "student.json"):
-        (good / name).write_text("x")
-    (good / "controller.json").write_text(json.dumps({"step": 10}))
-    rd.commit_checkpoint(good, 10)
-    torn = rd.checkpoint_tmp(20)  # a crash mid-write: never renamed into place
-    (torn / "student.safetensors").write_text("partial")
-
-    assert rd.latest_checkpoint() == rd.checkpoints / "step-0000010"
-    assert rd.read_checkpoint(rd.latest_checkpoint())["step"] == 10
-    rd.rewind(10)
-    assert [m["step"] for m in _jsonl(rd.path / "metrics.jsonl")] == [5, 10]
-    assert [d["step"] for d in _jsonl(rd.path / "decisions.jsonl")] == [0, 9]
-    assert sorted(p.name for p in rd.checkpoints.iterdir()) == ["step-0000010"]
-
-    (rd.checkpoints / "step-0000030").mkdir()  # not written by clpd
-    with pytest.raises(RunDirError, match="incomplete"):
-        rd.read_checkpoint(rd.latest_checkpoint())
-
-
 def test_local_ray_keeps_auth_on_and_the_dashboard_on_localhost(tiny_config, monkeypatch):
     from clpd_ray.runtime.run import local_init_kwargs
 
@@ -353,15 +323,21 @@ def _clean_env() -> dict[str, str]:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_sigkilled_driver_resumes_to_the_uninterrupted_result(
-    ray_cluster, tiny_config, uninterrupted, tmp_path
+def test_sigkilled_driver_resumes_from_s3_to_the_uninterrupted_result(
+    ray_cluster, tiny_config, uninterrupted, tmp_path, s3_bucket
 ):
-    """`clpd run` killed with SIGKILL at a random step; `clpd run --resume` finishes the run."""
+    """`clpd run --out s3://...` killed with SIGKILL at a random step; `clpd run --resume
+    s3://...` finishes the run. The run directory lives only in the bucket (moto's S3 server):
+    the documented layout is there, and nothing is written to the driver's working directory."""
+    from clpd_ray.runtime import storage
+
     config = tiny_config(*FAULT_RUN)
     reference = uninterrupted(config)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(config.to_dict()))
-    out = tmp_path / "run"
+    out = f"{s3_bucket}/runs/a"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
     # A random logged step (metrics rows come every 5 steps; checkpoints every 10): the kill
     # lands within a step or two of it, between checkpoints or right at one; 5 is before any.
     kill_at = random.Random().choice([5, 10, 15, 20, 25])
@@ -369,32 +345,34 @@ def test_sigkilled_driver_resumes_to_the_uninterrupted_result(
     cli = [sys.executable, "-m", "clpd_ray.cli", "run"]
     log = (tmp_path / "first.log").open("w")
     proc = subprocess.Popen(
-        [*cli, str(cfg), "--out", str(out)],
+        [*cli, str(cfg), "--out", out],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=_clean_env(),
+        cwd=cwd,
         start_new_session=True,  # its own process group: the kill reaches its local Ray too
     )
     try:
         deadline = time.monotonic() + 240
-        metrics = out / "metrics.jsonl"
-        while not (metrics.exists() and f'"step": {kill_at},' in metrics.read_text()):
+        metrics = storage.join(out, "metrics.jsonl")
+        while not (storage.exists(metrics) and f'"step": {kill_at},' in storage.read_text(metrics)):
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, f"step {kill_at} not logged within 240 s"
-            time.sleep(0.01)
+            time.sleep(0.02)
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         _kill_session(proc)
         log.close()
     assert proc.returncode == -signal.SIGKILL
-    assert not (out / "summary.json").exists(), "the run finished before the kill"
+    assert not storage.exists(storage.join(out, "summary.json")), "finished before the kill"
 
     resumed = subprocess.Popen(
-        [*cli, "--resume", str(out)],
+        [*cli, "--resume", out],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env=_clean_env(),
+        cwd=cwd,
         start_new_session=True,
     )
     try:
@@ -403,24 +381,53 @@ def test_sigkilled_driver_resumes_to_the_uninterrupted_result(
         _kill_session(resumed)  # normally nothing is left: a clean exit stops its Ray
     assert resumed.returncode == 0, output[-3000:]
     assert "Traceback" not in output
-    summary = json.loads((out / "summary.json").read_text())
+    assert list(cwd.iterdir()) == [], "a local run directory was created"
+    local = storage.download_dir(out, tmp_path / "downloaded")
+    summary = json.loads((local / "summary.json").read_text())
     # From the last checkpoint before the kill (none before step 10: from the start).
     assert kill_at // 10 * 10 - 10 <= summary["resumed_from_step"] <= kill_at + 10
-    assert_same_run(out, reference)
+    assert_same_run(local, reference)
+
+    # The documented layout (README "Run directory"), in the bucket.
+    files = storage.file_sizes(out)
+    top = {name.split("/")[0] for name in files}
+    assert top == {"config.yaml", "metrics.jsonl", "decisions.jsonl", "summary.json"} | {
+        "student",
+        "models",
+        "checkpoints",
+    }
+    assert "student/model.safetensors" in files
+    assert {n.split("/")[1] for n in files if n.startswith("models/")} == {
+        "t0",
+        "t1",
+        "t2",
+        "tokenizer",
+    }
+    ckpts = sorted({n.split("/")[1] for n in files if n.startswith("checkpoints/")})
+    assert ckpts == ["step-0000020", "step-0000030"]  # train.keep_checkpoints=2
+    assert all(f"checkpoints/{c}/manifest.json" in files for c in ckpts)
 
     # Resuming a finished run changes nothing (and starts nothing).
     from clpd_ray.cli import main
 
-    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    assert main(["run", "--resume", str(out)]) == 0
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    before = {n: storage.read_bytes(storage.join(out, n)) for n in files}
+    assert main(["run", "--resume", out]) == 0
+    assert {n: storage.read_bytes(storage.join(out, n)) for n in storage.file_sizes(out)} == before
 
 
+@pytest.mark.ray
 @pytest.mark.slow
-def test_lost_node_teacher_moves_to_another_node_and_the_run_completes(tiny_config, tmp_path):
-    """Head + two teacher nodes (ray.cluster_utils.Cluster, in a subprocess): the node hosting
-    the teacher is removed mid-run; Ray restarts the teacher on the other node."""
+def test_lost_node_with_the_run_in_s3_gives_the_uninterrupted_result(
+    ray_cluster, tiny_config, uninterrupted, tmp_path, s3_bucket
+):
+    """A 3-node cluster (ray.cluster_utils.Cluster, in a subprocess) whose run directory lives
+    only in S3. The teacher starts on a worker that cannot see the driver's files (its own mount
+    namespace, an empty /tmp: no ladder cache, no test directories), so it loads its model from
+    the run's storage. That node is killed mid-run; Ray restarts the teacher on the third node,
+    and the run ends with the student of an uninterrupted run."""
     from conftest import TINY_LADDER
+
+    from clpd_ray.runtime import storage
 
     config = tiny_config(
         "curriculum.num_stages=1",
@@ -429,27 +436,56 @@ def test_lost_node_teacher_moves_to_another_node_and_the_run_completes(tiny_conf
         "scheduler.policy=standard_kd",
         teachers={"ladder": TINY_LADDER[:1]},
     )
+    reference = uninterrupted(config)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(config.to_dict()))
-    out = tmp_path / "run"
+    out = f"{s3_bucket}/run"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
     proc = subprocess.Popen(
-        [sys.executable, __file__, "node-loss", str(cfg), str(out)],
+        [sys.executable, __file__, "node-loss", str(cfg), out],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env=_clean_env(),
+        cwd=cwd,
         start_new_session=True,
     )
     try:
-        output, _ = proc.communicate(timeout=240)
+        output, _ = proc.communicate(timeout=300)
     finally:
         _kill_session(proc)
     assert proc.returncode == 0, output[-4000:]
     result = json.loads(output.strip().splitlines()[-1])
     assert result["steps"] == 20
-    assert result["teacher_node_after"] != result["removed_node"]
-    assert result["teacher_node_after"] in result["worker_nodes"]
-    assert (out / "student" / "model.safetensors").is_file()
+    # The teacher ran on the node that cannot see the driver's disk, until that node died.
+    assert result["teacher_node_before"] == result["hidden_node"] == result["removed_node"]
+    assert result["teacher_node_after"] == result["other_node"]
+    assert list(cwd.iterdir()) == [], "a local run directory was created"
+    assert_same_run(storage.download_dir(out, tmp_path / "downloaded"), reference)
+
+
+def _hidden_worker(address: str) -> subprocess.Popen:
+    """``ray start`` for a worker node in its own mount namespace whose /tmp is an empty tmpfs:
+    it sees none of the driver's temporary files (test directories, ladder cache, its models
+    cache), like a node with its own disk. Needs root (``unshare -m``)."""
+    ray_bin = Path(sys.executable).parent / "ray"
+    resources = json.dumps({"teacher_slot": 1})
+    start = f"{ray_bin} start --address={address} --num-cpus=1 --resources='{resources}' --block"
+    return subprocess.Popen(
+        [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            f"mount -t tmpfs tmpfs /tmp && exec {start}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def _node_loss(cfg: str, out: str) -> None:
@@ -460,7 +496,6 @@ def _node_loss(cfg: str, out: str) -> None:
     from ray.cluster_utils import Cluster
 
     from clpd_ray.config import load_config
-    from clpd_ray.runtime.actors.launcher import NAMESPACE
     from clpd_ray.runtime.run import run_distillation
 
     # Cluster() records its address for `ray.init(address="auto")`: put the old one back after.
@@ -476,25 +511,38 @@ def _node_loss(cfg: str, out: str) -> None:
             "_system_config": fast_health,
         },
     )
+    hidden = _hidden_worker(cluster.address)
     try:
-        workers = [cluster.add_node(num_cpus=1, resources={"teacher_slot": 1}) for _ in range(2)]
-        ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
-        events: dict = {"worker_nodes": [w.node_id for w in workers]}
+        ray.init(address=cluster.address, log_to_driver=False)
+        deadline = time.monotonic() + 120
+        while len([n for n in ray.nodes() if n["Alive"]]) < 2:
+            assert hidden.poll() is None and time.monotonic() < deadline, "hidden worker failed"
+            time.sleep(0.5)
+        head = ray.get_runtime_context().get_node_id()
+        events: dict = {
+            "hidden_node": next(n["NodeID"] for n in ray.nodes() if n["NodeID"] != head)
+        }
 
         def teacher_node() -> str:
-            t = ray.get_actor("teacher-t0", namespace=NAMESPACE)
+            name, ns = next(
+                (a["name"], a["namespace"])
+                for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("teacher-t0")
+            )
+            t = ray.get_actor(name, namespace=ns)
             return ray.get(
                 t.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())
             )
 
         def on_step(done: int) -> None:
+            if done == 2 and "other_node" not in events:  # the node the teacher moves to
+                events["other_node"] = cluster.add_node(
+                    num_cpus=1, resources={"teacher_slot": 1}
+                ).node_id
             if done == 5 and "removed_node" not in events:
-                node = teacher_node()
-                cluster.remove_node(
-                    next(w for w in workers if w.node_id == node), allow_graceful=False
-                )
-                events["removed_node"] = node
-                events["removed_at"] = time.time()
+                events["teacher_node_before"] = teacher_node()
+                _kill_session(hidden)
+                events["removed_node"] = events["hidden_node"]
             if done == 15 and "teacher_node_after" not in events:
                 events["teacher_node_after"] = teacher_node()
 
@@ -504,6 +552,7 @@ def _node_loss(cfg: str, out: str) -> None:
         print(json.dumps(events))
     finally:
         ray.shutdown()
+        _kill_session(hidden)
         cluster.shutdown()
         if saved is not None:
             marker.write_text(saved)
@@ -516,3 +565,31 @@ if __name__ == "__main__":
         _node_loss(sys.argv[2], sys.argv[3])
     else:
         raise SystemExit("usage: python tests/test_faults.py node-loss CONFIG OUT")
+
+
+def test_a_non_finite_step_is_not_applied_and_names_the_setting(tmp_path, tiny_config):
+    """distill.temperature=1e-45 makes every loss NaN: the first such step stops the run (exit
+    2 through ClpdError) instead of writing NaN into every weight."""
+    from clpd_ray.errors import DivergedError
+    from clpd_ray.messages import TeacherTargets
+
+    config = tiny_config("distill.temperature=1e-45")
+    trainer = _tiny_trainer(tmp_path, config)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    batch = _batches(1)[0]
+    shape = (*batch.input_ids.shape, 4)
+    rng = np.random.default_rng(0)
+    targets = TeacherTargets(
+        teacher="t0",
+        step=0,
+        logprobs=np.log(rng.dirichlet(np.ones(4), size=shape[:2])).astype(np.float32),
+        ids=rng.integers(0, 10, size=shape),
+        temperature=1e-45,
+    )
+    with pytest.raises(DivergedError, match=r"step 0: .* not finite.*distill\.temperature=1e-45"):
+        trainer.train_step(batch, targets)
+    assert trainer.step == 0
+    assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+    # A sane temperature trains on.
+    ok = replace(targets, temperature=1.0)
+    assert np.isfinite(trainer.train_step(batch, ok).loss) and trainer.step == 1

@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from clpd_ray.ablation.arms import single_arm_map
-from clpd_ray.ablation.results import MANIFEST, read_results
+from clpd_ray.ablation.results import MANIFEST, read_jsonl, read_results
 from clpd_ray.ablation.stats import WILCOXON_MIN_N, summarise
 from clpd_ray.errors import ClpdError
 from clpd_ray.runtime.rundir import write_json_atomic
@@ -31,9 +31,7 @@ SCHEDULE_ARMS = ("clpd", "adaptive")  # arms whose loss curves and teacher timel
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path) if path.is_file() else []
 
 
 def _save(fig: Figure, path: Path) -> str:

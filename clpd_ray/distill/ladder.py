@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from clpd_ray.config import Config, TeacherSpec, default_cache_dir
+from clpd_ray.config import Config, TeacherSpec, check_path_name, default_cache_dir
 from clpd_ray.data.batching import encode_examples
 from clpd_ray.data.example import Example
 from clpd_ray.distill.models import build_model, count_parameters
@@ -68,6 +68,7 @@ def train_teacher(
     progress: bool = True,
 ) -> LadderEntry:
     """Train one teacher on ``train``, measure it on ``held_out``, write it atomically to ``out_dir``."""
+    _check_entry_dir(out_dir)
     model = build_model(spec, tokenizer, seed=seed)
     model.train()
     opt, sched = make_optimizer(
@@ -108,6 +109,25 @@ def train_teacher(
     return LadderEntry(spec.name, out_dir, acc, acc["parameters"])
 
 
+def _check_entry_dir(out_dir: Path) -> None:
+    """``out_dir`` and its sibling ``<name>.tmp`` get deleted and rewritten: refuse anything but a
+    plain entry of its parent (no ``..``), so nothing outside the cache can be touched."""
+    if ".." in out_dir.parts or out_dir.name in ("", "."):
+        raise ValueError(f"train_teacher: out_dir={out_dir} is not a plain cache entry directory")
+
+
+def _cache_entry(cache: Path, spec: TeacherSpec, key: str) -> Path:
+    """``<cache>/<name>-<key>``; a name that would leave ``cache`` is refused (the config already
+    refuses it; this guards configs built without validation)."""
+    try:
+        check_path_name(spec.name, "teacher name")
+    except ValueError as err:
+        raise ConfigError(f"teachers.ladder: {err}") from None
+    out = cache / f"{spec.name}-{key}"
+    _check_entry_dir(out)
+    return out
+
+
 def _read_accuracy(path: Path) -> dict | None:
     f = path / "accuracy.json"
     return json.loads(f.read_text()) if f.is_file() else None
@@ -139,7 +159,7 @@ def ensure_ladder(
                 f"teachers.ladder[{spec.name}] has no 'path', but data.path is set: tiny teachers "
                 "are only trained for the embedded task. Give each teacher a model path."
             )
-        out = cache / f"{spec.name}-{teacher_cache_key(config, spec)}"
+        out = _cache_entry(cache, spec, teacher_cache_key(config, spec))
         acc = _read_accuracy(out)
         if acc is not None and (out / "config.json").is_file():
             entries.append(LadderEntry(spec.name, out, acc, acc.get("parameters")))

@@ -16,6 +16,7 @@ from clpd_ray.policies.fixed import (
     StandardKDPolicy,
     TeacherOnlyPolicy,
 )
+from clpd_ray.policies.guard import bind_policy, policy_state, to_jsonable
 from clpd_ray.policies.registry import BUILTIN_POLICIES, check_decision, resolve_policy
 
 __all__ = [
@@ -31,6 +32,9 @@ __all__ = [
     "SchedulerPolicy",
     "StandardKDPolicy",
     "TeacherOnlyPolicy",
+    "bind_policy",
     "check_decision",
+    "policy_state",
     "resolve_policy",
+    "to_jsonable",
 ]

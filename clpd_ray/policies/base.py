@@ -8,6 +8,9 @@ The controller owns all I/O; a policy only decides (STYLE 2). Its life cycle::
     decision = policy.decide(observation)        # before each step (or each probe)
     state = policy.state_dict()                  # at each checkpoint, JSON-serialisable
 
+``reads_probes`` (default True) says whether the policy reads probe results; fixed schedules set
+False and their runs take no probes.
+
 ``curriculum`` tells the controller how the training data is split into stages:
 
 * ``"difficulty"``: stages are easy -> hard difficulty quantiles; ``Decision.stage`` picks one.
@@ -40,6 +43,10 @@ class SchedulerPolicy(abc.ABC):
 
     name: ClassVar[str]
     curriculum: ClassVar[CurriculumMode] = "difficulty"
+    # Whether decide() reads Observation.probes / teacher_accuracy. Probes cost the student a
+    # weight snapshot and the scheduler an evaluation every probe_every steps: a policy that
+    # never reads them says False and the run takes none.
+    reads_probes: ClassVar[bool] = True
 
     num_stages: int
     num_teachers: int

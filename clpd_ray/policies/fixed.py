@@ -46,6 +46,7 @@ class StandardKDPolicy(SchedulerPolicy):
 
     name = "standard_kd"
     curriculum = "none"
+    reads_probes = False
     # Class-level default, so subclasses that override __init__ without super() still work.
     _teacher: int | None = None
 
@@ -84,6 +85,7 @@ class _ClockPolicy(SchedulerPolicy):
     """A policy whose stage follows the stage clock; subclasses say who teaches."""
 
     _ladder: ClassVar[bool]  # True: teacher k at stage k; False: always the strongest teacher
+    reads_probes = False  # the stage clock reads step numbers only
     _explain: ClassVar[str]
 
     def __init__(self, boundaries: Sequence[int] | None = None) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from clpd_ray.errors import PolicyError
+from clpd_ray.errors import ClpdError, PolicyError
 from clpd_ray.messages import Decision
 from clpd_ray.policies.adaptive import AdaptivePolicy
 from clpd_ray.policies.base import SchedulerPolicy
@@ -28,6 +28,7 @@ from clpd_ray.policies.fixed import (
     StandardKDPolicy,
     TeacherOnlyPolicy,
 )
+from clpd_ray.policies.guard import is_builtin, policy_call_error
 
 __all__ = ["BUILTIN_POLICIES", "check_decision", "resolve_policy"]
 
@@ -153,13 +154,18 @@ def _construct(spec: object, cls: type[SchedulerPolicy], kwargs: dict[str, Any])
             ) from e
     try:
         return cls(**kwargs)
-    except PolicyError:
+    except ClpdError:
         raise
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError) as e:  # how constructors reject bad arguments
         raise PolicyError(
             f"policy {label!r}: constructing {cls.__name__}(**{kwargs}) failed: "
             f"{type(e).__name__}: {e}; fix scheduler.kwargs"
         ) from e
+    except Exception as e:
+        if is_builtin(cls):
+            raise  # a bug in a built-in policy: an internal error, with its traceback
+        fix = "fix the policy or scheduler.kwargs"
+        raise policy_call_error(cls.name, cls, f"__init__(**{kwargs})", e, fix) from None
 
 
 def check_decision(

@@ -1,2 +1,2 @@
-"""The Ray runtime: run, controller, recovery, run directory, metrics and the actors. The only
+"""The Ray runtime: run, planner, executor, recovery, run directory, metrics and the actors. The only
 package (with the CLI) that imports ``ray``."""

@@ -5,20 +5,18 @@ from __future__ import annotations
 import ray
 
 from clpd_ray.config import Config
-from clpd_ray.runtime.actors.launcher import Launcher
+from clpd_ray.runtime.placement import plan_placement
 
 __all__ = ["default_parallel", "runs_that_fit"]
 
 
 def runs_that_fit(config: Config) -> int:
-    """How many runs the running Ray cluster can place at once, by the launcher's own bundles."""
+    """How many runs the running Ray cluster can place at once, by the launcher's own bundles.
+
+    Raises ``ClusterError`` when the cluster has GPUs but too few for even one run.
+    """
     res = ray.cluster_resources()
-    probe = Launcher(config, [], "", run_id="plan")  # computes the bundles, starts nothing
-    n = len(probe.names)
-    fits = int(res.get("CPU", 1.0) // (probe.cpu * (n + 2)) + 1e-9)
-    if probe.use_gpu:
-        fits = min(fits, int(res.get("GPU", 0) // (config.cluster.gpus_per_actor * (n + 1))))
-    return fits
+    return plan_placement(config, res).runs_that_fit(res)
 
 
 def default_parallel(config: Config) -> int:

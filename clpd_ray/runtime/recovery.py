@@ -1,7 +1,7 @@
-"""Recovering a run: the controller's checkpoint format, and waiting for restarted actors.
+"""Recovering a run: the checkpoint state format, and waiting for restarted actors.
 
 A checkpoint ``checkpoints/step-<N>/`` holds the student's files and ``controller.json``: what the
-controller needs to plan step N again exactly as the first time. Decisions depend on step numbers
+planner (runtime/planner.py) needs to plan step N again exactly as the first time. Decisions depend on step numbers
 only (decision j sees the losses of steps <= j-D-1 and the probe taken at the latest multiple of
 ``probe_every`` that is at least ``probe_lag`` steps old), so this is a small, fixed set::
 

@@ -4,15 +4,16 @@
 ``resume_distillation`` is the one behind ``clpd run --resume DIR``. Every input is checked before
 anything is written or started, so a mistake leaves no half-made run directory behind::
 
-    config ─▶ policy ─▶ --out is new ─▶ data + teacher ladder ─▶ model paths, tokenizers
-           ─▶ run directory ─▶ Ray + actors ─▶ controller (replays after failures) ─▶ summary.json
+    config ─▶ policy ─▶ --out is new ─▶ --address reachable, token accepted (connect.py)
+           ─▶ data + teacher ladder ─▶ model paths, tokenizers ─▶ join/start Ray, GPUs enough
+           (placement.py) ─▶ run directory ─▶ actors ─▶ run header ─▶ executor (replays after
+           failures) ─▶ summary.json
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 import uuid
@@ -22,13 +23,24 @@ from typing import Any
 
 import ray
 
-from clpd_ray.config import Config, load_config
+from clpd_ray.config import Config
+from clpd_ray.curriculum.checks import check_stages, check_task_curriculum
 from clpd_ray.data.tokenizer import load_tokenizer
 from clpd_ray.data.vocab import check_same_vocab
 from clpd_ray.errors import ModelLoadError
-from clpd_ray.policies import SchedulerPolicy, resolve_policy
-from clpd_ray.runtime.actors.launcher import NAMESPACE, Launcher
-from clpd_ray.runtime.controller import Controller
+from clpd_ray.policies import SchedulerPolicy, bind_policy, resolve_policy
+from clpd_ray.runtime.actors.launcher import Launcher
+from clpd_ray.runtime.connect import (
+    check_address,
+    dashboard_url,
+    ensure_ray,
+    local_init_kwargs,
+    resolve_address,
+)
+from clpd_ray.runtime.executor import Executor
+from clpd_ray.runtime.header import format_header
+from clpd_ray.runtime.models_store import actor_sources, localise
+from clpd_ray.runtime.placement import Placement, plan_placement
 from clpd_ray.runtime.rundir import RunDir
 from clpd_ray.workload import Workload, build_workload
 
@@ -43,38 +55,11 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 
-def local_init_kwargs(config: Config) -> dict[str, Any]:
-    """``ray.init`` arguments for a local cluster.
-
-    Token authentication stays as Ray sets it (on for a local ``ray.init``): nothing here turns
-    it off. The dashboard listens on ``cluster.dashboard_host``, 127.0.0.1 unless the user asks
-    for another address.
-    """
-    return {
-        "num_cpus": config.cluster.num_cpus,
-        "namespace": NAMESPACE,
-        "dashboard_host": config.cluster.dashboard_host,
-        "include_dashboard": None,
-        "log_to_driver": False,
-        "configure_logging": False,
-    }
-
-
-def ensure_ray(config: Config, address: str | None = None) -> None:
-    """Join ``address`` (``auto``: the running cluster), else start a local Ray with auth on."""
-    if ray.is_initialized():
-        return
-    address = address or config.cluster.address
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
-        _log.warning(
-            "RAY_AUTH_MODE=disabled is set in the environment: Ray's token authentication is "
-            "off, so anyone who can reach the dashboard port can run code; unset it"
-        )
-    if address:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
-    else:
-        ray.init(**local_init_kwargs(config))
+def connect(config: Config, address: str | None) -> Placement:
+    """Join (or start) Ray and plan the run's placement: before the run directory exists, so a
+    cluster that cannot be joined or has too few GPUs leaves nothing behind (ClusterError)."""
+    ensure_ray(config, address)
+    return plan_placement(config, ray.cluster_resources())
 
 
 def resolve_run_policy(config: Config, policy: Any = None) -> SchedulerPolicy:
@@ -82,11 +67,13 @@ def resolve_run_policy(config: Config, policy: Any = None) -> SchedulerPolicy:
     spec = policy if policy is not None else config.scheduler.policy
     kwargs = config.scheduler.kwargs if policy is None or isinstance(policy, (str, type)) else None
     p = resolve_policy(spec, kwargs)
-    p.bind(
+    bind_policy(
+        p,
         num_stages=config.curriculum.num_stages,
         num_teachers=len(config.teachers.ladder),
         total_steps=config.train.total_steps,
     )
+    check_task_curriculum(config, p.name, p.curriculum)
     return p
 
 
@@ -175,10 +162,15 @@ def run_distillation(
     start = time.perf_counter()
     resolved = resolve_run_policy(config, policy)
     RunDir.check_new(out_dir)  # before the (slow) workload: a taken --out fails at once
-    check_models(config)
-    workload = workload or build_workload(config, progress=progress)
-    check_tokenizers(config, workload)
-    run_dir = RunDir.create(out_dir, config)
+    address = resolve_address(config, address)
+    check_address(address)  # seconds: an unreachable cluster or a refused token fails now
+    local = localise(config)  # s3:// model paths fetched for the driver's checks and workload
+    check_models(local)
+    workload = workload or build_workload(local, progress=progress)
+    check_tokenizers(local, workload)
+    check_stages(config, workload.scores, resolved.name, resolved.curriculum)
+    placement = connect(config, address)
+    run_dir = RunDir.create(out_dir, config)  # the config as given: actors fetch s3:// models
     return _execute(
         config,
         run_dir,
@@ -186,6 +178,7 @@ def run_distillation(
         workload,
         start=start,
         address=address,
+        placement=placement,
         progress=progress,
         name_suffix=name_suffix,
         on_step=on_step,
@@ -207,17 +200,23 @@ def resume_distillation(
     must be the one the run was started with)."""
     start = time.perf_counter()
     run_dir = RunDir.open(out_dir)
-    summary_path = run_dir.path / "summary.json"
-    if summary_path.is_file() and (run_dir.path / "student").is_dir():
-        _log.warning("clpd: %s is a finished run; nothing to resume", run_dir.path)
-        return json.loads(summary_path.read_text())
-    config = load_config(run_dir.path / "config.yaml")
+    finished = run_dir.finished_summary()
+    if finished is not None:
+        _log.warning("clpd: %s is a finished run; nothing to resume", run_dir.uri)
+        return finished
+    config = run_dir.config
+    assert config is not None  # RunDir.open read it
     ckpt = run_dir.latest_checkpoint()
     step = int(run_dir.read_checkpoint(ckpt)["step"]) if ckpt else 0
     resolved = resolve_run_policy(config)
-    check_models(config)
-    workload = workload or build_workload(config, progress=progress)
-    check_tokenizers(config, workload)
+    address = resolve_address(config, address)
+    check_address(address)
+    local = localise(config)
+    check_models(local)
+    workload = workload or build_workload(local, progress=progress)
+    check_tokenizers(local, workload)
+    check_stages(config, workload.scores, resolved.name, resolved.curriculum)
+    placement = connect(config, address)
     run_dir.rewind(step)
     return _execute(
         config,
@@ -226,12 +225,35 @@ def resume_distillation(
         workload,
         start=start,
         address=address,
+        placement=placement,
         progress=progress,
         name_suffix=name_suffix,
         on_step=on_step,
         resume_from=ckpt,
         resumed_from_step=step,
     )
+
+
+def _announce(launcher: Launcher, run_dir: str, address: str | None, progress: bool) -> None:
+    """Print the run header (stderr, before the progress bar; the log when progress is off, as
+    in an ablation's parallel runs). Waits for the actors' ``__init__``: one that failed stops
+    the run here with its name, input and cause (ActorInitError)."""
+    assert launcher.actors is not None
+    text = format_header(
+        run_id=launcher.run_id,
+        run_dir=run_dir,
+        address=address,
+        dashboard=dashboard_url(),
+        placement=launcher.placement,
+        places=launcher.locate(),
+        not_started=[
+            launcher.teacher_name(i) for i, h in enumerate(launcher.actors.teachers) if h is None
+        ],
+    )
+    if progress:
+        print(text, file=sys.stderr, flush=True)
+    else:
+        _log.info("%s", text)
 
 
 def _execute(
@@ -242,25 +264,32 @@ def _execute(
     *,
     start: float,
     address: str | None,
+    placement: Placement,
     progress: bool,
     name_suffix: str = "",
     on_step: Callable[[int], None] | None = None,
-    resume_from: Path | None = None,
+    resume_from: str | None = None,
     resumed_from_step: int | None = None,
 ) -> dict:
-    ensure_ray(config, address)
-    run_id = uuid.uuid4().hex[:8]
+    # Actors get storage locations, never the driver's paths: the models clpd made go to
+    # <run>/models/ first (models_store).
+    teacher_sources, tokenizer_source = actor_sources(
+        config, [e.path for e in workload.ladder], workload.tokenizer_dir, run_dir.uri
+    )
+    run_id = uuid.uuid4().hex[:8]  # in actor and placement group names, and metrics tags
     launcher = Launcher(
         config,
-        [str(e.path) for e in workload.ladder],
-        str(workload.tokenizer_dir),
+        teacher_sources,
+        tokenizer_source,
         run_id=run_id,
         name_suffix=name_suffix,
+        placement=placement,
     )
     _ship_by_value(resolved)
     try:
         launcher.start(resolved, None)
-        controller = Controller(
+        _announce(launcher, run_dir.uri, address, progress)
+        executor = Executor(
             config,
             workload,
             run_dir,
@@ -270,7 +299,7 @@ def _execute(
             on_step=on_step,
             resume_from=resume_from,
         )
-        stats = controller.run()
+        stats = executor.run()
     finally:
         launcher.shutdown()
     teachers = {}
@@ -297,7 +326,7 @@ def _execute(
             "parameters": stats.student["parameters"],
         },
         "teachers": teachers,
-        "stages": controller.summary_stages(),
+        "stages": executor.summary_stages(),
         "busy_s": {k: round(v, 3) for k, v in stats.busy_s.items()},
     }
     summary = json.loads(json.dumps(summary))  # the dict callers get equals summary.json

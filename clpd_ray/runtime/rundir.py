@@ -1,182 +1,339 @@
 """The run directory contract (documented in README.md, "Run directory").
 
-<out>/
-  config.yaml        the resolved config
-  metrics.jsonl      one JSON object per logged step: step, stage, teacher, loss, lr, tokens_per_s, ...
-  decisions.jsonl    one JSON object per scheduler decision that changed something:
-                     step, stage, teacher, policy, reason, replay
-  summary.json       steps, wall_s, student.accuracy(_by_difficulty), teachers.<name>.accuracy, stages
-  student/           save_pretrained directory (model + tokenizer)
-  checkpoints/       step-<N>/ written atomically (temporary directory, then rename):
-                       student.safetensors  student_optim.pt  student.json  controller.json
+A run directory is a storage location (:mod:`clpd_ray.runtime.storage`): a local path, a shared
+filesystem or an ``s3://bucket/prefix`` URI, with the same layout in each::
 
-A crash can leave a ``.step-<N>.tmp`` directory (never read, removed on resume) and a torn last
-line in a ``.jsonl`` file (dropped on resume); a committed ``step-<N>`` is always complete.
+  <out>/
+    config.yaml        the resolved config
+    metrics.jsonl      one JSON object per logged step: step, stage, teacher, loss, lr, tokens_per_s, ...
+    decisions.jsonl    one JSON object per scheduler decision that changed something:
+                       step, stage, teacher, policy, reason, replay
+    eval.jsonl         held-out accuracy every train.eval_every steps (when set): step, accuracy, ...
+    summary.json       steps, wall_s, student.accuracy(_by_difficulty), teachers.<name>.accuracy, stages
+    student/           save_pretrained directory (model + tokenizer), written by the student actor
+    models/<name>/     models the driver made (embedded ladder, tokenizer), fetched by the actors
+    checkpoints/       step-<N>/ for the newest train.keep_checkpoints committed steps:
+                         student.safetensors  student_optim.pt  student.json   (the student actor)
+                         controller.json  manifest.json                          (the driver, last)
+
+Commit protocol: the student actor writes its files into ``checkpoint_dir(N)`` from its own node;
+the driver then writes ``controller.json`` and, last, ``manifest.json`` (every file's name, size
+and sha256). Only a directory whose manifest matches its files is a checkpoint; anything else in
+``checkpoints/`` is a crash's leftover, never read and removed by :meth:`RunDir.rewind`.
+
+Rows: a local ``.jsonl`` is appended to (a crash can tear its last line: dropped on resume). S3
+has no append, so on S3 the driver keeps the file's rows in memory and rewrites the object whole
+for each row; an object is replaced atomically, so a crash leaves the previous version, whole.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import shutil
+import re
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from clpd_ray.config import Config, save_config
-from clpd_ray.errors import RunDirError
+import yaml
 
-__all__ = ["CHECKPOINT_FILES", "RunDir", "write_json_atomic"]
+from clpd_ray.config import Config, load_config
+from clpd_ray.errors import ConfigError, RunDirError, StorageError
+from clpd_ray.runtime import storage
 
-# What a committed checkpoint holds; controller.json is written last.
-CHECKPOINT_FILES = ("student.safetensors", "student_optim.pt", "student.json", "controller.json")
+__all__ = [
+    "MANIFEST",
+    "STUDENT_FILES",
+    "RunDir",
+    "sha256",
+    "verify_files",
+    "write_json_atomic",
+]
+
+# What the student actor writes into a checkpoint; student.json (last) lists the others' hashes.
+STUDENT_FILES = ("student.safetensors", "student_optim.pt", "student.json")
+MANIFEST = "manifest.json"
+_STEP = re.compile(r"^step-(\d+)$")
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write ``payload`` to a temporary file, flush it to disk, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(payload, indent=2, sort_keys=False))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``payload`` as JSON to the local ``path`` all at once (temporary file + rename)."""
+    storage.write_text(str(path), json.dumps(payload, indent=2, sort_keys=False))
 
 
 class RunDir:
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    """The files of one run, at ``uri`` (see the module docstring for the layout)."""
 
+    def __init__(self, uri: str | Path, *, keep_checkpoints: int = 2) -> None:
+        self.uri = storage.resolve(uri)
+        self.keep_checkpoints = keep_checkpoints
+        self.config: Config | None = None  # set by create() and open()
+        self._rows: dict[str, list[str]] = {}  # S3 only: the rows of each jsonl file
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.uri})"
+
+    def _at(self, *parts: str) -> str:
+        return storage.join(self.uri, *parts)
+
+    # ------------------------------------------------------------------ create / open
     @staticmethod
-    def check_new(path: str | Path) -> None:
-        """Raise unless ``path`` can become a new run directory (absent, or an empty directory)."""
-        p = Path(path)
-        if p.exists() and (not p.is_dir() or any(p.iterdir())):
-            if (p / "config.yaml").is_file() and (p / "checkpoints").is_dir():
-                hint = f"choose a new directory, or continue that run with: clpd run --resume {p}"
+    def check_new(uri: str | Path) -> None:
+        """Raise unless ``uri`` can become a new run directory (absent or empty; for S3, in a
+        bucket that exists and answers)."""
+        where = storage.resolve(uri)
+        storage.check_bucket(where)
+        if storage.is_s3(where) or not Path(where).exists():
+            taken = bool(storage.list_dir(where))
+        else:
+            taken = not Path(where).is_dir() or any(Path(where).iterdir())
+        if taken:
+            if storage.exists(storage.join(where, "config.yaml")):
+                hint = (
+                    f"choose a new directory, or continue that run with: clpd run --resume {where}"
+                )
             else:
                 hint = "choose a new directory (or resume that run with --resume)"
-            raise RunDirError(f"--out {p} already exists and is not empty; {hint}")
+            raise RunDirError(f"--out {where} already exists and is not empty; {hint}")
 
     @classmethod
-    def create(cls, path: str | Path, config: Config) -> RunDir:
+    def create(cls, uri: str | Path, config: Config) -> RunDir:
         """A new run directory; refuses an existing non-empty one so nothing is overwritten."""
-        cls.check_new(path)
-        p = Path(path)
-        p.mkdir(parents=True, exist_ok=True)
-        (p / "checkpoints").mkdir()
-        save_config(config, p / "config.yaml")
-        return cls(p)
+        cls.check_new(uri)
+        run = cls(uri, keep_checkpoints=config.train.keep_checkpoints)
+        if not storage.is_s3(run.uri):
+            Path(run.uri, "checkpoints").mkdir(parents=True, exist_ok=True)
+        storage.write_text(
+            run._at("config.yaml"), yaml.safe_dump(config.to_dict(), sort_keys=False)
+        )
+        run.config = config
+        return run
 
     @classmethod
-    def open(cls, path: str | Path) -> RunDir:
+    def open(cls, uri: str | Path) -> RunDir:
         """An existing run directory to resume; raises :class:`RunDirError` if it is not one."""
-        p = Path(path)
-        if not p.is_dir():
+        where = storage.resolve(uri)
+        storage.check_bucket(where)
+        if not storage.exists(storage.join(where, "config.yaml")):
+            what = "no such run directory" if not storage.list_dir(where) else "no config.yaml"
             raise RunDirError(
-                f"--resume {p}: no such run directory; pass the --out directory of an earlier "
-                "`clpd run`"
+                f"--resume {where}: not a run directory ({what}); pass the --out location of an "
+                "earlier `clpd run`"
             )
-        missing = [n for n in ("config.yaml", "checkpoints") if not (p / n).exists()]
-        if missing:
-            raise RunDirError(
-                f"--resume {p}: not a run directory (no {' or '.join(missing)}); pass the --out "
-                "directory of an earlier `clpd run`"
-            )
-        return cls(p)
+        config = _load_saved_config(storage.join(where, "config.yaml"))
+        run = cls(where, keep_checkpoints=config.train.keep_checkpoints)
+        run.config = config
+        return run
 
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
+    # ------------------------------------------------------------------ rows and summary
+    def _append(self, name: str, row: dict[str, Any]) -> None:
+        line = json.dumps(row) + "\n"
+        if not storage.is_s3(self.uri):
+            with open(self._at(name), "a") as f:
+                f.write(line)
+            return
+        rows = self._rows.setdefault(name, self._read_lines(name))
+        rows.append(line)
+        storage.write_text(self._at(name), "".join(rows))
 
-    def append(self, name: str, row: dict[str, Any]) -> None:
-        with open(self.path / name, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    def _read_lines(self, name: str) -> list[str]:
+        """The whole rows of a jsonl file (a line torn by a crash is dropped)."""
+        if not storage.exists(self._at(name)):
+            return []
+        kept = []
+        for line in storage.read_text(self._at(name)).splitlines():
+            try:
+                json.loads(line)
+            except ValueError:
+                continue
+            kept.append(line + "\n")
+        return kept
 
     def metrics(self, row: dict[str, Any]) -> None:
-        self.append("metrics.jsonl", row)
+        self._append("metrics.jsonl", row)
 
     def decision(self, row: dict[str, Any]) -> None:
-        self.append("decisions.jsonl", row)
+        self._append("decisions.jsonl", row)
+
+    def evaluation(self, row: dict[str, Any]) -> None:
+        """A held-out evaluation during training (``train.eval_every``)."""
+        self._append("eval.jsonl", row)
 
     def summary(self, payload: dict[str, Any]) -> None:
-        write_json_atomic(self.path / "summary.json", payload)
+        storage.write_text(self._at("summary.json"), json.dumps(payload, indent=2))
+
+    def finished_summary(self) -> dict[str, Any] | None:
+        """The summary of a finished run (summary.json and student/ written), else None."""
+        if storage.is_file(self._at("summary.json")) and storage.list_dir(self.student_dir()):
+            return dict(json.loads(storage.read_text(self._at("summary.json"))))
+        return None
+
+    def student_dir(self) -> str:
+        """Where the student actor saves the final model (``save_pretrained``)."""
+        return self._at("student")
 
     # ------------------------------------------------------------------ checkpoints
-    def checkpoint_tmp(self, step: int) -> Path:
-        tmp = self.checkpoints / f".step-{step:07d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        return tmp
+    @property
+    def checkpoints(self) -> str:
+        return self._at("checkpoints")
 
-    def commit_checkpoint(self, tmp: Path, step: int) -> Path:
-        """Make ``tmp`` the checkpoint of ``step`` with one rename (all or nothing)."""
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        final = self.checkpoints / f"step-{step:07d}"
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _fsync_dir(self.checkpoints)
-        return final
+    def checkpoint_dir(self, step: int) -> str:
+        """Where the student actor writes its checkpoint files for ``step``. Emptied first, so
+        that no manifest of an earlier attempt can vouch for files being rewritten."""
+        where = storage.join(self.checkpoints, f"step-{step:07d}")
+        storage.delete_tree(where)
+        return where
 
-    def latest_checkpoint(self) -> Path | None:
-        done = sorted(self.checkpoints.glob("step-*"))
-        return done[-1] if done else None
-
-    def read_checkpoint(self, path: Path) -> dict[str, Any]:
-        """The controller state of checkpoint ``path``; raises if it is incomplete or unreadable."""
-        missing = [n for n in CHECKPOINT_FILES if not (path / n).is_file()]
+    def commit_checkpoint(self, step: int, controller_state: dict[str, Any]) -> str:
+        """Make ``checkpoint_dir(step)`` a checkpoint once the student's files are in it: write
+        ``controller.json``, then the manifest (last), then prune old checkpoints."""
+        where = storage.join(self.checkpoints, f"step-{step:07d}")
+        sizes = storage.file_sizes(where)
         try:
-            state = None if missing else json.loads((path / "controller.json").read_text())
-        except ValueError as err:
-            missing = [f"a readable controller.json ({err})"]
-        if missing or not isinstance(state, dict) or "step" not in state:
+            student = json.loads(storage.read_text(storage.join(where, "student.json")))
+            files = dict(student["files"])
+        except (StorageError, ValueError, KeyError, TypeError) as err:
             raise RunDirError(
-                f"checkpoint {path} is incomplete (missing {', '.join(missing) or 'step'}); it was "
-                "not written by clpd: delete it to resume from the checkpoint before it"
+                f"checkpoint {where}: the student's student.json is missing or unreadable ({err}); "
+                "the student actor must write its files before the commit"
+            ) from None
+        for name, meta in files.items():
+            if sizes.get(name) != meta["size"]:
+                raise RunDirError(
+                    f"checkpoint {where}: {name} has {sizes.get(name)} bytes in storage, the "
+                    f"student wrote {meta['size']}; its upload did not complete"
+                )
+        controller = json.dumps(controller_state, indent=2).encode()
+        storage.write_bytes(storage.join(where, "controller.json"), controller)
+        student_json = storage.read_bytes(storage.join(where, "student.json"))
+        files["student.json"] = {"size": len(student_json), "sha256": sha256(student_json)}
+        files["controller.json"] = {"size": len(controller), "sha256": sha256(controller)}
+        manifest = {"step": step, "files": files}
+        storage.write_text(storage.join(where, MANIFEST), json.dumps(manifest, indent=2))
+        self._prune()
+        return where
+
+    def _manifest_problem(self, where: str) -> tuple[dict[str, Any] | None, str | None]:
+        """(manifest, None) for a committed checkpoint, else (None, what is wrong)."""
+        try:
+            manifest = json.loads(storage.read_text(storage.join(where, MANIFEST)))
+            files = manifest["files"]
+        except StorageError:
+            return None, f"no {MANIFEST} (it is written last: the checkpoint was never committed)"
+        except (ValueError, KeyError, TypeError) as err:
+            return None, f"an unreadable {MANIFEST} ({err})"
+        sizes = storage.file_sizes(where)
+        for name in (*STUDENT_FILES, "controller.json"):
+            if name not in files:
+                return None, f"{MANIFEST} does not list {name}"
+        for name, meta in files.items():
+            if sizes.get(name) != meta.get("size"):
+                return (
+                    None,
+                    f"{name} has {sizes.get(name)} bytes, the manifest says {meta.get('size')}",
+                )
+        return manifest, None
+
+    def _committed(self) -> list[str]:
+        """Committed checkpoints, oldest first."""
+        names = [n for n in storage.list_dir(self.checkpoints) if _STEP.match(n)]
+        names.sort(key=lambda n: int(_STEP.match(n).group(1)))  # type: ignore[union-attr]
+        out = []
+        for n in names:
+            where = storage.join(self.checkpoints, n)
+            if self._manifest_problem(where)[1] is None:
+                out.append(where)
+        return out
+
+    def latest_checkpoint(self) -> str | None:
+        """The newest committed checkpoint (a valid manifest), or None."""
+        committed = self._committed()
+        return committed[-1] if committed else None
+
+    def read_checkpoint(self, uri: str) -> dict[str, Any]:
+        """The controller state of checkpoint ``uri``, checked against its manifest; raises
+        :class:`RunDirError` naming what is wrong."""
+        manifest, problem = self._manifest_problem(uri)
+        state: Any = None
+        if manifest is not None:
+            data = storage.read_bytes(storage.join(uri, "controller.json"))
+            if sha256(data) != manifest["files"]["controller.json"]["sha256"]:
+                problem = "controller.json does not match its manifest"
+            else:
+                state = json.loads(data)
+                if not isinstance(state, dict) or state.get("step") != manifest.get("step"):
+                    problem = f"controller.json is not the state of step {manifest.get('step')}"
+        if problem is not None:
+            raise RunDirError(
+                f"checkpoint {uri} is incomplete or damaged: {problem}; delete it to resume "
+                "from the checkpoint before it"
             )
         return state
+
+    def _prune(self) -> None:
+        for old in self._committed()[: -self.keep_checkpoints]:
+            storage.delete_tree(old)
 
     # ------------------------------------------------------------------ rewind
     def rewind(self, step: int) -> None:
         """Make the files look as if the run had just finished ``step`` steps.
 
-        Drops metrics rows past ``step``, decisions from ``step`` on (they are made again), torn
-        last lines and unfinished temporary checkpoints. Committed checkpoints are kept.
+        Drops metrics and evaluation rows past ``step``, decisions from ``step`` on (they are made again), torn
+        last lines, uncommitted checkpoint directories and the summary. Committed checkpoints
+        are kept.
         """
         self._filter_jsonl("metrics.jsonl", lambda row: row.get("step", 0) <= step)
         self._filter_jsonl("decisions.jsonl", lambda row: row.get("step", 0) < step)
-        for tmp in self.checkpoints.glob(".step-*.tmp"):
-            shutil.rmtree(tmp, ignore_errors=True)
-        summary = self.path / "summary.json"
-        if summary.exists():
-            summary.unlink()
+        self._filter_jsonl("eval.jsonl", lambda row: row.get("step", 0) <= step)
+        committed = set(self._committed())
+        for name in storage.list_dir(self.checkpoints):
+            where = storage.join(self.checkpoints, name)
+            if where not in committed:
+                storage.delete_tree(where)
+        storage.delete_file(self._at("summary.json"))
 
     def _filter_jsonl(self, name: str, keep: Callable[[dict[str, Any]], bool]) -> None:
-        path = self.path / name
-        if not path.exists():
+        if not storage.exists(self._at(name)):
             return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue  # a line torn by a crash mid-append
-            if isinstance(row, dict) and keep(row):
-                kept.append(json.dumps(row) + "\n")
-        tmp = path.with_name(f".{name}.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        kept = [line for line in self._read_lines(name) if _keep(line, keep)]
+        storage.write_text(self._at(name), "".join(kept))
+        if storage.is_s3(self.uri):
+            self._rows[name] = kept
+
+
+def _load_saved_config(uri: str) -> Config:
+    """The run's config.yaml, with every check ``load_config`` makes (a copy in S3 is read
+    through a local file, and errors name the URI)."""
+    if not storage.is_s3(uri):
+        return load_config(uri)
+    with tempfile.TemporaryDirectory(prefix="clpd-config-") as tmp:
+        local = Path(tmp, "config.yaml")
+        local.write_bytes(storage.read_bytes(uri))
+        try:
+            return load_config(local)
+        except ConfigError as err:
+            raise ConfigError(str(err).replace(str(local), uri)) from None
+
+
+def _keep(line: str, keep: Callable[[dict[str, Any]], bool]) -> bool:
+    row = json.loads(line)
+    return isinstance(row, dict) and keep(row)
+
+
+def verify_files(local_dir: Path, files: dict[str, dict[str, Any]]) -> None:
+    """Raise :class:`RunDirError` unless every file in ``files`` (name -> size, sha256) is in
+    ``local_dir`` with that size and hash (a checkpoint fetched to a node before loading it)."""
+    for name, meta in files.items():
+        path = local_dir / name
+        data = path.read_bytes() if path.is_file() else None
+        if data is None or len(data) != meta["size"] or sha256(data) != meta["sha256"]:
+            raise RunDirError(
+                f"checkpoint file {name} is missing or differs from what was written "
+                f"(size {None if data is None else len(data)}, expected {meta['size']}); "
+                "delete that checkpoint to resume from the one before it"
+            )

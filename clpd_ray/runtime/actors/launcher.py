@@ -1,23 +1,38 @@
 """The one place that turns the plain actor classes into Ray actors and places them.
 
-Placement: every teacher and the student get a bundle of one placement group (gang-scheduled,
-PACK). When the cluster has a GPU for each, a bundle holds ``cluster.gpus_per_actor`` GPUs, so
-each teacher and the student own a distinct GPU; on a CPU-only cluster bundles hold a CPU share.
-When the cluster advertises the custom resources ``teacher_slot`` / ``student_slot``
-(cluster.yaml), bundles ask for them too, so each lands on its own node type.
+Placement (:mod:`clpd_ray.runtime.placement`): every teacher and the student get a bundle of one
+placement group (gang-scheduled, PACK) holding ``cluster.gpus_per_actor`` GPUs, so each teacher
+and the student own a distinct GPU; CPU bundles only when the config asks for them or the cluster
+has no GPU (never as a silent fallback). When the cluster advertises the custom resources
+``teacher_slot`` / ``student_slot`` (cluster.yaml), bundles ask for them too, so each lands on its
+own node type.
 
-Names: ``teacher-<name>``, ``student``, ``scheduler`` in namespace ``clpd`` (suffixed with the run
-tag when several runs share a cluster), visible in the dashboard's Actors view.
+Names: every run has a run id, so several runs share a cluster: the placement group is
+``clpd-<run id>``, the actors ``teacher-<name>-<run id>``, ``student-<run id>`` and
+``scheduler-<run id>`` in namespace ``clpd`` (an ablation appends its arm and seed), as the
+dashboard's Actors view shows them.
 
 Fault tolerance (see docs/reliability.md): teachers are stateless, so Ray restarts them and re-runs
-their in-flight requests (``max_restarts=-1, max_task_retries=-1``). The student and the scheduler
-hold state, so Ray restarts them (``STATEFUL_MAX_RESTARTS``) but never re-runs a call
-(``max_task_retries=0``): the caller sees the failure and the controller restores them from the
-last checkpoint and replays from there.
+their in-flight requests (``max_task_retries=-1``), at most ``TEACHER_MAX_RESTARTS`` times per
+instance, and the launcher replaces a teacher whose restarts ran out at most
+``TEACHER_MAX_REPLACEMENTS`` times: a teacher that dies on every start (out of memory at load)
+stops the run with a message instead of restarting forever. The student and the scheduler hold
+state, so Ray restarts them (``STATEFUL_MAX_RESTARTS``) but never re-runs a call
+(``max_task_retries=0``): the caller sees the failure and the executor restores them from the last
+checkpoint and replays from there. An ``__init__`` that raises is never retried: it is reported
+as :class:`~clpd_ray.errors.ActorInitError` naming the actor, its input and the cause.
+
+Releasing a teacher (``teachers.resident: needed``)::
+
+    release_teacher(i, pending=refs) ──▶ retiring: (teacher i, its unfinished request refs)
+    any later launcher call (reap)   ──▶ kill the retiring teachers whose refs are all done
+    teacher(i) while i is retiring   ──▶ the same live actor is taken back
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,17 +41,30 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from clpd_ray.config import Config
-from clpd_ray.errors import ClpdError
+from clpd_ray.errors import ActorInitError, ClpdError, ClusterError
 from clpd_ray.runtime.actors.scheduler import SchedulerService
 from clpd_ray.runtime.actors.student import StudentTrainer
 from clpd_ray.runtime.actors.teacher import TeacherService
+from clpd_ray.runtime.connect import NAMESPACE
+from clpd_ray.runtime.placement import Placement, plan_placement
 
-__all__ = ["NAMESPACE", "STATEFUL_MAX_RESTARTS", "Actors", "Launcher"]
+__all__ = [
+    "NAMESPACE",
+    "STATEFUL_MAX_RESTARTS",
+    "TEACHER_MAX_REPLACEMENTS",
+    "TEACHER_MAX_RESTARTS",
+    "ActorPlace",
+    "Actors",
+    "Launcher",
+]
 
-NAMESPACE = "clpd"
 _PG_TIMEOUT_S = 120
 # Restarts of the student and the scheduler in one run (each one replays from a checkpoint).
 STATEFUL_MAX_RESTARTS = 3
+# Restarts of one teacher instance (a crash or a lost node; its requests are re-run).
+TEACHER_MAX_RESTARTS = 3
+# New instances of a teacher whose restarts ran out, before the run stops.
+TEACHER_MAX_REPLACEMENTS = 2
 
 
 @dataclass
@@ -44,6 +72,26 @@ class Actors:
     student: Any
     scheduler: Any
     teachers: list[Any] = field(default_factory=list)  # None where a teacher is not resident
+
+
+@dataclass(frozen=True)
+class ActorPlace:
+    """Where one actor runs, for the run header."""
+
+    name: str
+    node_ip: str
+    node_id: str
+    device: str  # the torch device the actor computes on: cuda:0 (its assigned GPU) or cpu
+    gpu_ids: tuple[str, ...]  # the GPUs Ray assigned to it (logical ids)
+
+
+@dataclass
+class _Retiring:
+    """A released teacher that still owes answers to ``pending`` requests."""
+
+    index: int
+    handle: Any
+    pending: list[Any]
 
 
 class Launcher:
@@ -57,6 +105,7 @@ class Launcher:
         *,
         run_id: str,
         name_suffix: str = "",
+        placement: Placement | None = None,
     ) -> None:
         self.config = config
         self.teacher_dirs = teacher_dirs
@@ -64,40 +113,40 @@ class Launcher:
         self.run_id = run_id
         self.suffix = name_suffix
         self.names = [t.name for t in config.teachers.ladder]
-        n = len(self.names)
-        res = ray.cluster_resources()
-        gpa = config.cluster.gpus_per_actor
-        self.use_gpu = gpa > 0 and res.get("GPU", 0) >= gpa * (n + 1)
-        self.use_slots = res.get("teacher_slot", 0) >= n and res.get("student_slot", 0) >= 1
-        cpus = res.get("CPU", 1)
-        # CPU shares are bookkeeping for Ray's scheduler (real threads are set per actor): one CPU
-        # per actor on GPU nodes, capped so that a small cluster can still place the whole run.
-        share = cpus / (n + 2)
-        self.cpu = round(min(1.0, share) if self.use_gpu else min(0.5, share / 2), 3)
+        # ClusterError here when the cluster has GPUs but too few (run.py checks it earlier).
+        self.placement = placement or plan_placement(config, ray.cluster_resources())
+        self.use_gpu = self.placement.use_gpu
+        self.cpu = self.placement.cpu
         self.pg: PlacementGroup | None = None
         self.actors: Actors | None = None
+        self._retiring: list[_Retiring] = []
+        self._replaced = [0] * len(self.names)
+
+    # ------------------------------------------------------------------ names
+    def actor_name(self, base: str) -> str:
+        """``base`` (``student``, ``teacher-<name>``, ...) made unique to this run."""
+        return f"{base}-{self.run_id}{self.suffix}"
+
+    @property
+    def pg_name(self) -> str:
+        return f"clpd-{self.run_id}{self.suffix}"
+
+    def teacher_name(self, i: int) -> str:
+        return self.actor_name(f"teacher-{self.names[i]}")
 
     # ------------------------------------------------------------------ placement
-    def _bundle(self, slot: str) -> dict[str, float]:
-        b: dict[str, float] = {"CPU": self.cpu}
-        if self.use_gpu:
-            b["GPU"] = self.config.cluster.gpus_per_actor
-        if self.use_slots:
-            b[slot] = 1
-        return b
-
     def _place(self) -> PlacementGroup:
-        n = len(self.names)
-        bundles = [self._bundle("teacher_slot") for _ in range(n)] + [self._bundle("student_slot")]
-        bundles.append({"CPU": self.cpu})  # scheduler
-        pg = placement_group(bundles, strategy="PACK", name=f"clpd{self.suffix}")
+        bundles = self.placement.bundles()
+        pg = placement_group(bundles, strategy="PACK", name=self.pg_name)
         ready, _ = ray.wait([pg.ready()], timeout=_PG_TIMEOUT_S)
         if not ready:
             remove_placement_group(pg)
-            raise ClpdError(
-                f"the Ray cluster cannot place {n} teachers + student + scheduler with bundles "
-                f"{bundles} (cluster has {ray.cluster_resources()}); add GPUs/CPUs, or set "
-                "cluster.gpus_per_actor=0 to run on CPUs"
+            raise ClusterError(
+                f"the Ray cluster cannot place {len(self.names)} teachers + student + scheduler "
+                f"with bundles {bundles} within {_PG_TIMEOUT_S} s (cluster has "
+                f"{ray.cluster_resources()}, free now {ray.available_resources()}); other runs "
+                "may hold them: wait for them, add GPUs/CPUs, or set cluster.gpus_per_actor: 0 "
+                "to run on CPUs"
             )
         return pg
 
@@ -105,7 +154,7 @@ class Launcher:
         assert self.pg is not None
         b = self.pg.bundle_specs[bundle]
         return {
-            "name": f"{name}{self.suffix}",
+            "name": name,
             "namespace": NAMESPACE,
             "num_cpus": b["CPU"],
             "num_gpus": b.get("GPU", 0),
@@ -119,26 +168,27 @@ class Launcher:
     def start(self, policy: Any, policy_kwargs: dict[str, Any] | None) -> Actors:
         self.pg = self._place()
         c = self.config
-        student = (
-            ray.remote(StudentTrainer)
+        n = len(self.names)
+        student_name = self.actor_name("student")
+        student: Any = (
+            ray.remote(_reporting_init_errors(StudentTrainer, student_name, self.tokenizer_dir))
             .options(
                 **self._options(
-                    len(self.names),
-                    "student",
-                    max_restarts=STATEFUL_MAX_RESTARTS,
-                    max_task_retries=0,
+                    n, student_name, max_restarts=STATEFUL_MAX_RESTARTS, max_task_retries=0
                 )
             )
             .remote(c, self.tokenizer_dir, run_id=self.run_id)
         )
-        scheduler = (
-            ray.remote(SchedulerService)
+        scheduler_name = self.actor_name("scheduler")
+        scheduler_cls = _reporting_init_errors(
+            SchedulerService, scheduler_name, f"policy {c.scheduler.policy}"
+        )
+        scheduler: Any = (
+            # Probes run on their own thread: decide() never waits behind a probe.
+            ray.remote(concurrency_groups={"probe": 1})(scheduler_cls)  # type: ignore[call-overload]
             .options(
                 **self._options(
-                    len(self.names) + 1,
-                    "scheduler",
-                    max_restarts=STATEFUL_MAX_RESTARTS,
-                    max_task_retries=0,
+                    n + 1, scheduler_name, max_restarts=STATEFUL_MAX_RESTARTS, max_task_retries=0
                 )
             )
             .remote(
@@ -152,55 +202,187 @@ class Launcher:
                 run_id=self.run_id,
             )
         )
-        teachers: list[Any] = [None] * len(self.names)
+        teachers: list[Any] = [None] * n
         self.actors = Actors(student=student, scheduler=scheduler, teachers=teachers)
         if c.teachers.resident == "all":
-            for i in range(len(self.names)):
+            for i in range(n):
                 self.teacher(i)
         return self.actors
 
     def teacher(self, i: int) -> Any:
-        """The handle of teacher ``i``, started on first use (resident teachers already are)."""
+        """The handle of teacher ``i``, started on first use (resident teachers already are).
+
+        A teacher released but still finishing its requests is taken back, not started again.
+        """
         assert self.actors is not None
+        self.reap()
         if self.actors.teachers[i] is None:
-            self.actors.teachers[i] = (
-                ray.remote(TeacherService)
-                .options(
-                    # Target requests are idempotent: a restarted teacher re-runs them.
-                    **self._options(
-                        i, f"teacher-{self.names[i]}", max_restarts=-1, max_task_retries=-1
-                    )
-                )
-                .remote(
-                    self.names[i],
-                    i,
-                    self.teacher_dirs[i],
-                    top_k=self.config.teachers.top_k,
-                    temperature=self.config.distill.temperature,
-                    run_id=self.run_id,
-                )
-            )
+            back = next((r for r in self._retiring if r.index == i), None)
+            if back is not None:
+                self._retiring.remove(back)
+                self.actors.teachers[i] = back.handle
+            else:
+                self.actors.teachers[i] = self._start_teacher(i)
         return self.actors.teachers[i]
 
-    def release_teacher(self, i: int) -> None:
-        """Stop teacher ``i`` (resident=needed, once the schedule has moved past it)."""
+    def _start_teacher(self, i: int) -> Any:
+        name = self.teacher_name(i)
+        cls = _reporting_init_errors(TeacherService, name, f"model {self.teacher_dirs[i]}")
+        return (
+            ray.remote(cls)
+            .options(
+                # Target requests are idempotent: a restarted teacher re-runs them.
+                **self._options(i, name, max_restarts=TEACHER_MAX_RESTARTS, max_task_retries=-1)
+            )
+            .remote(
+                self.names[i],
+                i,
+                self.teacher_dirs[i],
+                top_k=self.config.teachers.top_k,
+                temperature=self.config.distill.temperature,
+                run_id=self.run_id,
+            )
+        )
+
+    def release_teacher(self, i: int, pending: Iterable[Any] = ()) -> None:
+        """Stop teacher ``i`` once every request in ``pending`` has finished; returns at once.
+
+        ``pending``: the ObjectRefs of the requests submitted to teacher ``i`` that may still be
+        queued or running (``targets``/``generate`` results not yet consumed). Killing the actor
+        before they finish would fail them and force a replay. The teacher is killed by a later
+        :meth:`reap` (every :meth:`teacher` and :meth:`release_teacher` call runs one) once they
+        are all done, or by :meth:`shutdown`. Used by ``teachers.resident: needed``.
+        """
         assert self.actors is not None
         handle = self.actors.teachers[i]
         if handle is not None:
-            ray.kill(handle, no_restart=True)
             self.actors.teachers[i] = None
+            self._retiring.append(_Retiring(i, handle, list(pending)))
+        self.reap()
+
+    def reap(self) -> int:
+        """Kill the released teachers whose pending requests are all done (never waits);
+        returns how many released teachers are still finishing requests."""
+        waiting = []
+        for r in self._retiring:
+            if r.pending:
+                # fetch_local=False: only ask whether the results exist, do not pull them here.
+                _, r.pending = ray.wait(
+                    r.pending, num_returns=len(r.pending), timeout=0, fetch_local=False
+                )
+            if r.pending:
+                waiting.append(r)
+            else:
+                ray.kill(r.handle, no_restart=True)
+        self._retiring = waiting
+        return len(waiting)
 
     def forget_teacher(self, i: int) -> None:
-        """Drop the handle of a teacher that is dead for good; :meth:`teacher` starts a new one."""
+        """Drop the handle of a teacher that is dead for good; :meth:`teacher` starts a new one,
+        at most ``TEACHER_MAX_REPLACEMENTS`` times per teacher in a run."""
         assert self.actors is not None
         self.actors.teachers[i] = None
+        self._replaced[i] += 1
+        if self._replaced[i] > TEACHER_MAX_REPLACEMENTS:
+            raise ClusterError(
+                f"{self.teacher_name(i)} died {self._replaced[i]} times after "
+                f"{TEACHER_MAX_RESTARTS} restarts each; it fails on every start (out of memory "
+                f"loading {self.teacher_dirs[i]}, or a node that cannot run it): see its log in "
+                "the dashboard (Actors, or `ray logs`), give it a larger GPU or "
+                "cluster.gpus_per_actor, then continue with `clpd run --resume <run dir>`"
+            )
+
+    # ------------------------------------------------------------------ where they landed
+    def locate(self, timeout_s: float = 600.0) -> list[ActorPlace]:
+        """Where each started actor runs (node, device, GPUs), once it has finished ``__init__``.
+
+        Raises :class:`ActorInitError` (the actor's name, input and cause) when one failed to
+        start, and :class:`ClusterError` when one is not up within ``timeout_s``.
+        """
+        assert self.actors is not None
+        named = [(self.actor_name("student"), self.actors.student)]
+        named.append((self.actor_name("scheduler"), self.actors.scheduler))
+        named += [(self.teacher_name(i), h) for i, h in enumerate(self.actors.teachers) if h]
+        refs = [h.__ray_call__.remote(_where) for _, h in named]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if len(ready) < len(refs):
+            late = [n for (n, _), r in zip(named, refs, strict=True) if r not in ready]
+            raise ClusterError(
+                f"{', '.join(late)} did not start within {timeout_s:.0f} s; check `ray status` "
+                "and the actors' logs in the dashboard"
+            )
+        places = []
+        for (name, _), ref in zip(named, refs, strict=True):
+            try:
+                where = ray.get(ref)
+            except ray.exceptions.ActorDiedError as err:
+                raise _init_error(name, err) from None
+            places.append(ActorPlace(name=name, **where))
+        return places
 
     def shutdown(self) -> None:
+        """Kill every actor of the run (released ones too) and free the placement group."""
+        handles = [r.handle for r in self._retiring]
+        self._retiring = []
         if self.actors is not None:
-            for h in [self.actors.student, self.actors.scheduler, *self.actors.teachers]:
-                if h is not None:
-                    ray.kill(h, no_restart=True)
+            handles += [self.actors.student, self.actors.scheduler, *self.actors.teachers]
             self.actors = None
+        for h in handles:
+            if h is not None:
+                ray.kill(h, no_restart=True)
         if self.pg is not None:
             remove_placement_group(self.pg)
             self.pg = None
+
+
+def _where(actor: Any) -> dict[str, Any]:
+    """Run inside an actor (``__ray_call__``): its node, device and assigned GPUs."""
+    ctx = ray.get_runtime_context()
+    return {
+        "node_ip": ray.util.get_node_ip_address(),
+        "node_id": ctx.get_node_id(),
+        "device": str(getattr(actor, "device", "cpu")),
+        "gpu_ids": tuple(str(g) for g in ray.get_gpu_ids()),
+    }
+
+
+def _reporting_init_errors(cls: type, name: str, source: str) -> type:
+    """``cls`` whose ``__init__`` failures become :class:`ActorInitError` naming the actor and
+    what it was loading, so the driver reports them (exit 2) instead of an opaque actor death.
+
+    Ray does not restart an actor whose ``__init__`` raised; the failure reaches the driver as an
+    ``ActorDiedError`` whose text ends with this error (``executor.unwrap`` re-raises it).
+    """
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            cls.__init__(self, *args, **kwargs)  # type: ignore[misc]
+        except ClpdError as err:
+            raise ActorInitError(f"{name} ({source}) failed to start: {err}") from None
+        except Exception as err:
+            raise ActorInitError(
+                f"{name} ({source}) failed to start: {type(err).__name__}: {_first_line(err)} "
+                f"(pid {os.getpid()}); check that the input loads on that node (a path every "
+                "node can read, a hub id or an s3:// URI) and fits its memory"
+            ) from None
+
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": __name__})
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else "(no message)"
+
+
+def _init_error(name: str, err: ray.exceptions.ActorDiedError) -> ClpdError:
+    """The package error an ``ActorDiedError`` from a failed ``__init__`` carries, else one
+    naming the actor and Ray's reason."""
+    text = str(err)
+    marker = "clpd_ray.errors.ActorInitError: "
+    if marker in text:
+        return ActorInitError(text[text.rindex(marker) + len(marker) :].strip().splitlines()[0])
+    lines = text.strip().splitlines()
+    return ClusterError(
+        f"{name} died while starting ({lines[0][:300] if lines else type(err).__name__}); see "
+        "its log in the dashboard (Actors) or `ray logs`"
+    )

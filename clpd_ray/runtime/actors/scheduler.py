@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import time
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,12 +23,15 @@ from clpd_ray.data.example import Example
 from clpd_ray.data.tokenizer import load_tokenizer
 from clpd_ray.distill.losses import sparse_kd_loss
 from clpd_ray.distill.models import make_model
+from clpd_ray.distill.state import load_state_strict
 from clpd_ray.distill.training import evaluate_accuracy, masked_nll, to_torch
-from clpd_ray.errors import ClpdError, PolicyError
+from clpd_ray.errors import ClpdError
 from clpd_ray.messages import Decision, Observation, ProbeResult, TeacherTargets
 from clpd_ray.policies import SchedulerPolicy, check_decision, resolve_policy
+from clpd_ray.policies.guard import bind_policy, is_builtin, policy_call_error, policy_state
 from clpd_ray.runtime.actors.device import pick_device, set_threads
 from clpd_ray.runtime.metrics import RunMetrics
+from clpd_ray.runtime.models_store import fetch, fetch_spec
 
 __all__ = ["SchedulerService"]
 
@@ -49,9 +51,11 @@ class SchedulerService:
         threads: int | None = 1,
     ) -> None:
         set_threads(threads)
-        self.policy = resolve_policy(policy, policy_kwargs)
-        self.policy.bind(
-            num_stages=num_stages, num_teachers=len(teacher_names), total_steps=total_steps
+        self.policy = bind_policy(
+            resolve_policy(policy, policy_kwargs),
+            num_stages=num_stages,
+            num_teachers=len(teacher_names),
+            total_steps=total_steps,
         )
         self.num_stages = num_stages
         self.teacher_names = list(teacher_names)
@@ -67,7 +71,13 @@ class SchedulerService:
         self.busy_s = 0.0
 
     def __repr__(self) -> str:
-        return f"SchedulerService(policy={self.policy.name}, stages={self.num_stages}, teachers={len(self.teacher_names)})"
+        # Safe on a half-built object (Ray calls repr when __init__ raised).
+        policy = getattr(getattr(self, "policy", None), "name", "?")
+        teachers = len(getattr(self, "teacher_names", ()))
+        return (
+            f"SchedulerService(policy={policy}, stages={getattr(self, 'num_stages', '?')}, "
+            f"teachers={teachers})"
+        )
 
     @property
     def policy_name(self) -> str:
@@ -78,19 +88,16 @@ class SchedulerService:
 
     def decide(self, obs: Observation) -> tuple[Decision, dict]:
         """The checked decision for ``obs`` and the policy state *before* it (for checkpoints)."""
-        before = self.policy.state_dict()
+        before = policy_state(self.policy)  # JSON-ready: numpy numbers become plain ones
         try:
             raw = self.policy.decide(obs)
         except ClpdError:
             raise
         except Exception as err:
-            if type(self.policy).__module__.startswith("clpd_ray."):
+            if is_builtin(type(self.policy)):
                 raise  # a bug in a built-in policy: an internal error, with its traceback
-            frame = traceback.extract_tb(err.__traceback__)[-1]
-            raise PolicyError(
-                f"policy {self.policy.name!r} raised {type(err).__name__}: {err} in decide() at "
-                f"step {obs.step} ({frame.filename}:{frame.lineno}); fix the policy"
-            ) from None
+            call = f"decide() at step {obs.step}"
+            raise policy_call_error(self.policy.name, type(self.policy), call, err) from None
         decision = check_decision(self.policy.name, raw, self.num_stages, len(self.teacher_names))
         self.metrics.schedule(
             decision.stage, decision.teacher, self.teacher_names[decision.teacher]
@@ -98,7 +105,7 @@ class SchedulerService:
         return decision, before
 
     def state_dict(self) -> dict:
-        return self.policy.state_dict()
+        return policy_state(self.policy)
 
     def load_state_dict(self, state: dict) -> None:
         """Put the policy back where a checkpoint left it (after a restart, resume or rewind)."""
@@ -118,9 +125,9 @@ class SchedulerService:
 
     def _model(self) -> PreTrainedModel:
         if self._probe_model is None:
-            self.tokenizer = load_tokenizer(self._tokenizer_dir)
+            self.tokenizer = load_tokenizer(fetch(self._tokenizer_dir))
             self._probe_model = (
-                make_model(self._student_spec, self.tokenizer).to(self.device).eval()  # type: ignore[arg-type]
+                make_model(fetch_spec(self._student_spec), self.tokenizer).to(self.device).eval()  # type: ignore[arg-type]
             )
         if self._encoded is None:  # first probe, or set_probes again (after a recovery)
             self._encoded = [encode_examples(self.tokenizer, p) for p in self.probe_sets]
@@ -131,7 +138,8 @@ class SchedulerService:
         """Measure a snapshot of the student on every stage's probe set."""
         start = time.perf_counter()
         model = self._model()
-        model.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()}, strict=False)
+        snapshot = {k: torch.as_tensor(v) for k, v in weights.items()}
+        load_state_strict(model, snapshot, what=f"the student's weights at step {step}")
         results: list[ProbeResult] = []
         assert self._encoded is not None
         for s, (examples, enc) in enumerate(zip(self.probe_sets, self._encoded, strict=True)):

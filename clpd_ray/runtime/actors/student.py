@@ -3,15 +3,18 @@
 ``train_step`` takes a batch and the current teacher's top-k targets (token-level KD), several
 teachers' targets with weights (a soft teacher mixture), or a teacher-generated batch
 (sequence-level KD, hard cross-entropy). Checkpoints hold everything a restart needs: model,
-optimizer, LR schedule, step and RNG state, written atomically.
+optimizer, LR schedule, step and RNG state; the actor writes them (and the final model) to the
+run's storage itself, from its own node, so no node needs to see another's disk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +26,17 @@ from clpd_ray.data.example import Example
 from clpd_ray.data.tokenizer import load_tokenizer
 from clpd_ray.distill.losses import hard_ce_loss, sparse_kd_loss
 from clpd_ray.distill.models import count_parameters, make_model
+from clpd_ray.distill.state import load_state_strict
 from clpd_ray.distill.training import evaluate_accuracy, make_optimizer
+from clpd_ray.errors import DivergedError
 from clpd_ray.messages import Batch, GeneratedBatch, StepResult, TeacherTargets
+from clpd_ray.runtime import storage
 from clpd_ray.runtime.actors.device import assigned_gpu_ids, pick_device, set_threads
 from clpd_ray.runtime.metrics import RunMetrics
+from clpd_ray.runtime.models_store import fetch, fetch_spec
+from clpd_ray.runtime.rundir import sha256, verify_files
 
-__all__ = ["StudentTrainer"]
+__all__ = ["StudentTrainer", "diverged_message"]
 
 
 class StudentTrainer:
@@ -43,7 +51,8 @@ class StudentTrainer:
         set_threads(threads)
         self.config = config
         self.device = pick_device()
-        self.tokenizer = load_tokenizer(tokenizer_dir)
+        self.tokenizer = load_tokenizer(fetch(tokenizer_dir))
+        self.student_spec = fetch_spec(config.student)  # an s3:// student.path, on this node
         self.vocab_size = len(self.tokenizer)
         self.busy_s = 0.0
         self.metrics = RunMetrics(run_id)
@@ -56,7 +65,7 @@ class StudentTrainer:
         """
         config = self.config
         torch.manual_seed(config.seed)
-        self.model = make_model(config.student, self.tokenizer, seed=config.seed).to(self.device)  # type: ignore[arg-type]
+        self.model = make_model(self.student_spec, self.tokenizer, seed=config.seed).to(self.device)  # type: ignore[arg-type]
         self.model.train()
         s = config.student
         self.opt, self.sched = make_optimizer(
@@ -66,7 +75,11 @@ class StudentTrainer:
         return self.step
 
     def __repr__(self) -> str:
-        return f"StudentTrainer(step={self.step}, device={self.device})"
+        # Safe on a half-built object (Ray calls repr when __init__ raised).
+        return (
+            f"StudentTrainer(step={getattr(self, 'step', '?')}, "
+            f"device={getattr(self, 'device', '?')})"
+        )
 
     def _loss(
         self,
@@ -120,7 +133,11 @@ class StudentTrainer:
         loss, kd, ce = self._loss(logits, batch, targets, weights)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            # Stop before the optimizer writes NaN into every weight.
+            self.opt.zero_grad(set_to_none=True)
+            raise DivergedError(diverged_message(self.config, batch.step, loss, kd, ce, grad_norm))
         self.opt.step()
         lr = float(self.sched.get_last_lr()[0])
         self.sched.step()
@@ -148,48 +165,71 @@ class StudentTrainer:
         """The student's parameters as numpy arrays (zero-copy through the object store)."""
         return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
 
-    def save_pretrained(self, path: str | Path) -> str:
-        self.model.save_pretrained(path, safe_serialization=True)
-        self.tokenizer.save_pretrained(path)
-        return str(path)
+    def save_pretrained(self, uri: str | Path) -> str:
+        """Save model + tokenizer to ``uri`` (the run's ``student/``), from this node."""
+        uri = str(uri)
+        with _scratch("clpd-student-") as tmp:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            storage.delete_tree(uri)
+            storage.upload_dir(tmp, uri)
+        return uri
 
-    def checkpoint(self, path: str | Path) -> str:
-        """Write model (safetensors), optimizer + LR schedule + RNG (torch, weights-only loadable).
+    def checkpoint(self, uri: str | Path) -> str:
+        """Write model (safetensors), optimizer + LR schedule + RNG (torch, weights-only loadable)
+        and ``student.json`` (step, and every other file's size and sha256) to ``uri``.
 
-        ``path`` is the run directory's temporary checkpoint directory; the controller renames it
-        into place once every file is written.
+        ``uri`` is the run directory's ``checkpoint_dir(step)``: the files are written to a local
+        temporary directory on this node and uploaded, ``student.json`` last; the driver then
+        commits the checkpoint (controller.json and a manifest).
         """
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        save_file(_untie(state), str(path / "student.safetensors"))
-        extra = {
-            "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-        }
-        if self.device.type == "cuda":
-            extra["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        torch.save(extra, path / "student_optim.pt")
-        (path / "student.json").write_text(json.dumps({"step": self.step, "busy_s": self.busy_s}))
-        return str(path)
+        uri = str(uri)
+        with _scratch("clpd-ckpt-") as tmp:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+            save_file(_untie(state), str(tmp / "student.safetensors"))
+            extra = {
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+            }
+            if self.device.type == "cuda":
+                extra["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+            torch.save(extra, tmp / "student_optim.pt")
+            files = {}
+            for name in ("student.safetensors", "student_optim.pt"):
+                data = (tmp / name).read_bytes()
+                files[name] = {"size": len(data), "sha256": sha256(data)}
+            meta = {"step": self.step, "busy_s": self.busy_s, "files": files}
+            (tmp / "student.json").write_text(json.dumps(meta))
+            storage.upload_dir(tmp, uri, last=("student.json",))
+        return uri
 
-    def restore(self, path: str | Path | None) -> int:
-        """Load a :meth:`checkpoint` (``None``: :meth:`reset` to step 0); returns the step."""
-        if path is None:
+    def restore(self, uri: str | Path | None) -> int:
+        """Load a :meth:`checkpoint` (``None``: :meth:`reset` to step 0); returns the step.
+
+        A checkpoint in S3 is downloaded to a local temporary directory first; every file is
+        checked against the sizes and hashes in ``student.json`` before it is loaded.
+        """
+        if uri is None:
             return self.reset()
-        path = Path(path)
-        weights = load_file(str(path / "student.safetensors"), device=str(self.device))
-        self.model.load_state_dict(weights, strict=False)
-        self.model.tie_weights()
-        # weights_only: a checkpoint file never runs code when loaded.
-        extra = torch.load(path / "student_optim.pt", weights_only=True, map_location=self.device)
+        uri = str(uri)
+        with _scratch("clpd-restore-") as tmp:
+            local = Path(uri) if not storage.is_s3(uri) else storage.download_dir(uri, tmp)
+            meta = json.loads((local / "student.json").read_text())
+            verify_files(local, meta["files"])
+            weights = load_file(str(local / "student.safetensors"), device=str(self.device))
+            load_state_strict(self.model, weights, what=f"checkpoint {uri}")
+            self.model.tie_weights()
+            # weights_only: a checkpoint file never runs code when loaded.
+            extra = torch.load(
+                local / "student_optim.pt", weights_only=True, map_location=self.device
+            )
         self.opt.load_state_dict(extra["optimizer"])
         self.sched.load_state_dict(extra["scheduler"])
         torch.set_rng_state(extra["torch_rng"].cpu())
         if "cuda_rng" in extra and self.device.type == "cuda":
             torch.cuda.set_rng_state(extra["cuda_rng"].cpu(), self.device)
-        self.step = json.loads((path / "student.json").read_text())["step"]
+        self.step = int(meta["step"])
         return self.step
 
     def stats(self) -> dict:
@@ -206,6 +246,16 @@ class StudentTrainer:
         return os.getpid()
 
 
+@contextlib.contextmanager
+def _scratch(prefix: str) -> Iterator[Path]:
+    """A node-local temporary directory, removed afterwards."""
+    tmp = storage.local_temp_dir(prefix)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors sharing memory (tied embeddings): store each once."""
     seen: dict[int, str] = {}
@@ -217,3 +267,21 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         seen[ptr] = k
         out[k] = v
     return out
+
+
+def diverged_message(
+    config: Config, step: int, loss: torch.Tensor, kd: float, ce: float, grad_norm: torch.Tensor
+) -> str:
+    """Why step ``step`` was not applied, and the setting most likely to blame."""
+    d, s = config.distill, config.student
+    if d.temperature < 0.05:
+        likely = f"distill.temperature={d.temperature:g} is so small that softmax(logits/T) overflows; use 0.5-4"
+    elif not torch.isfinite(loss):
+        likely = f"the {d.loss} loss overflowed; try distill.loss=fkl, or lower student.lr (now {s.lr:g})"
+    else:
+        likely = f"the gradients overflowed; lower student.lr (now {s.lr:g}) or raise student.warmup_steps"
+    return (
+        f"step {step}: the student's loss is {float(loss.detach()):g} (kd {kd:g}, ce {ce:g}) and "
+        f"its gradient norm {float(grad_norm):g}: not finite, so the step was not applied and the "
+        f"run stops with its last checkpoint intact; likely cause: {likely}"
+    )

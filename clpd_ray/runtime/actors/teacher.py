@@ -23,6 +23,7 @@ from clpd_ray.distill.training import evaluate_accuracy, generate_texts
 from clpd_ray.messages import Batch, GeneratedBatch, TeacherTargets
 from clpd_ray.runtime.actors.device import assigned_gpu_ids, pick_device, set_threads
 from clpd_ray.runtime.metrics import RunMetrics
+from clpd_ray.runtime.models_store import fetch
 
 __all__ = ["TeacherService"]
 
@@ -43,6 +44,7 @@ class TeacherService:
         self.name = name
         self.index = index
         self.device = pick_device()
+        model_dir = fetch(model_dir)  # a storage URI: a node-local copy (models_store)
         self.tokenizer = load_tokenizer(model_dir)
         self.model = load_causal_lm(model_dir).to(self.device).eval()  # type: ignore[arg-type]
         self.vocab_size = len(self.tokenizer)
@@ -53,9 +55,12 @@ class TeacherService:
         self.busy_s = 0.0
 
     def __repr__(self) -> str:
-        return (
-            f"TeacherService({self.name}, rung={self.index}, k={self.top_k}, device={self.device})"
+        # Safe on a half-built object: Ray calls repr when __init__ raised, and a repr that
+        # raised there would crash the worker and make Ray restart it forever.
+        name, rung, k, device = (
+            getattr(self, a, "?") for a in ("name", "index", "top_k", "device")
         )
+        return f"TeacherService({name}, rung={rung}, k={k}, device={device})"
 
     @torch.inference_mode()
     def _compute(self, batch: Batch) -> TeacherTargets:

@@ -1,0 +1,419 @@
+"""The executor: runs a :class:`~clpd_ray.runtime.planner.Planner`'s steps on the actors.
+
+The planner decides what each step is; the executor submits, collects, checkpoints, recovers and
+replays. Pipeline, with prefetch depth D (``train.prefetch``)::
+
+    plan(j), j = s .. s+D-1     planner.observation(j) ──▶ scheduler.decide ──▶ planner.plan(j)
+                                Batch(j) ──put──▶ teacher.targets(ref)
+    train(s)                    student.train_step(Batch(s) ref, targets(s) ref)
+                                  (Ray hands the targets straight to the student: no driver hop)
+    probe after s               student.weights (queued right after step s) ──▶ scheduler.probe,
+                                  in the scheduler's own "probe" concurrency group, so decide()
+                                  never waits behind a probe
+    checkpoint after s          student files + controller.json + manifest ──▶ checkpoints/step-N
+
+Teachers compute targets D steps ahead while the student trains, and the student always has the
+next step queued, so neither waits on the driver. Policies that read no probes (the fixed
+schedules) get none.
+
+Recovery: teachers are stateless and Ray re-runs their requests on a restarted instance. When
+the student or the scheduler fails, Ray restarts it, and the executor rewinds everything to the
+last checkpoint (or to step 0) and replays::
+
+    failure ──▶ wait for the restarted actor ──▶ student.restore(step-N)
+            ──▶ scheduler.load_state_dict + set_probes ──▶ planner.load_state_dict(step N)
+            ──▶ drop metrics/decisions rows past N ──▶ plan and train from step N again
+
+A resumed run (``clpd run --resume``) starts the same way from its latest checkpoint, so it ends
+with the same student, bit for bit on CPU, as a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+from tqdm.auto import tqdm
+
+from clpd_ray.config import Config
+from clpd_ray.data.batching import encode_examples
+from clpd_ray.errors import ClpdError, PolicyError
+from clpd_ray.messages import Batch, StepResult
+from clpd_ray.policies import SchedulerPolicy
+from clpd_ray.runtime.actors.launcher import Launcher
+from clpd_ray.runtime.planner import Planner, StepPlan, probe_sets
+from clpd_ray.runtime.recovery import describe_failure, is_recoverable, wait_for_restarts
+from clpd_ray.runtime.rundir import RunDir
+from clpd_ray.workload import Workload
+
+__all__ = ["PROBE_GROUP", "Executor", "RunStats", "unwrap"]
+
+_log = logging.getLogger(__name__)
+_CLPD_ERROR_LINE = re.compile(r"clpd_ray\.errors\.\w+: ")
+PROBE_GROUP = "probe"  # the scheduler actor's concurrency group for probes (launcher.py)
+
+
+def unwrap(refs: Any, timeout: float | None = None) -> Any:
+    """``ray.get`` that re-raises a package error from an actor as itself (exit 2, no traceback)."""
+    try:
+        return ray.get(refs, timeout=timeout)
+    except ray.exceptions.RayTaskError as err:
+        cause = err.cause if hasattr(err, "cause") else None
+        if isinstance(cause, ClpdError):
+            raise cause from None
+        raise
+    except ray.exceptions.ActorDiedError as err:
+        # Ray keeps only the text of an error raised in an actor's __init__: a package error
+        # there (a model that cannot be loaded, say) shows as its last traceback line.
+        matches = list(_CLPD_ERROR_LINE.finditer(str(err)))
+        if err.actor_init_failed and matches:
+            raise ClpdError(str(err)[matches[-1].end() :].strip()) from None
+        raise
+
+
+@dataclass
+class RunStats:
+    wall_s: float = 0.0
+    steps: int = 0
+    recoveries: int = 0
+    evaluation: dict = field(default_factory=dict)  # student.evaluate on the held-out set
+    student: dict = field(default_factory=dict)  # student.stats
+    busy_s: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Submitted:
+    plan: StepPlan
+    batch_ref: Any
+    target_refs: list[Any]
+
+
+class Executor:
+    _bar: Any  # the progress bar of run()
+
+    def __init__(
+        self,
+        config: Config,
+        workload: Workload,
+        run_dir: RunDir,
+        launcher: Launcher,
+        policy: SchedulerPolicy,
+        *,
+        progress: bool = True,
+        on_step: Callable[[int], None] | None = None,
+        resume_from: str | None = None,
+        max_recoveries: int = 10,
+    ) -> None:
+        """``on_step(done)`` runs on the driver after step ``done`` is submitted (a test hook; it
+        runs again for replayed steps). ``resume_from``: a checkpoint to continue from."""
+        self.c = config
+        self.w = workload
+        self.run_dir = run_dir
+        self.launcher = launcher
+        self.planner = Planner(
+            config,
+            workload,
+            policy_name=policy.name,
+            curriculum=policy.curriculum,
+            reads_probes=policy.reads_probes,
+        )
+        self.progress = progress
+        self.on_step = on_step
+        self.resume_from = resume_from
+        self.max_recoveries = max_recoveries
+        self.recoveries = 0
+        self.inflight: deque[tuple[int, Any]] = deque()  # (step, train_step ref), in step order
+        self.pending_checkpoints: deque[tuple[int, Any]] = deque()  # (step, student files ref)
+        self.probe_refs: dict[int, Any] = {}  # probe step -> ref, until recorded
+        self.eval_refs: dict[int, Any] = {}  # eval step -> ref (train.eval_every), until written
+        self.teacher_refs: dict[int, list[Any]] = {}  # rung -> requests that may be in flight
+        self._probe_args: tuple[Any, ...] = ()
+        self._last: tuple[str | None, dict] | None = None  # latest checkpoint and its state
+
+    @property
+    def actors(self) -> Any:
+        assert self.launcher.actors is not None
+        return self.launcher.actors
+
+    # ------------------------------------------------------------------ setup
+    def _setup_probes(self) -> None:
+        """Teacher targets and accuracy on each stage's probe set (sent to the scheduler later)."""
+        if not self.planner.reads_probes:
+            return
+        sets = probe_sets(self.planner, self.c.seed, self.c.scheduler.probe_size)
+        probe_batches = []
+        for s, p in enumerate(sets):
+            e = encode_examples(self.w.tokenizer, p)
+            probe_batches.append(
+                Batch(
+                    step=-1 - s,
+                    stage=s,
+                    input_ids=e.input_ids,
+                    attention_mask=e.attention_mask,
+                    loss_mask=e.loss_mask,
+                    example_ids=np.arange(len(p)),
+                )
+            )
+        target_refs, acc_refs = [], []
+        for i in range(len(self.planner.names)):
+            t = self.launcher.teacher(i)
+            target_refs.append([t.targets.remote(b) for b in probe_batches])
+            acc_refs.append([t.evaluate.remote(p, self.w.max_new_tokens) for p in sets])
+        targets = [unwrap(r) for r in target_refs]
+        self.planner.teacher_accuracy = tuple(
+            tuple(a["accuracy"] for a in unwrap(r)) for r in acc_refs
+        )
+        self._probe_args = (sets, targets, self.w.max_new_tokens)
+        if self.c.teachers.resident == "needed":
+            for i in range(len(self.planner.names)):
+                self.launcher.release_teacher(i)
+
+    def _probe(self, step: int) -> Any:
+        return self.actors.scheduler.probe.options(concurrency_group=PROBE_GROUP).remote(
+            step, self.actors.student.weights.remote()
+        )
+
+    # ------------------------------------------------------------------ collecting
+    def _collect(self, upto: int) -> None:
+        """Record the train results of every step <= upto, in order, and write metrics rows."""
+        while self.inflight and self.inflight[0][0] <= upto:
+            _, ref = self.inflight.popleft()
+            res: StepResult = unwrap(ref)
+            for row in self.planner.record(res, time.perf_counter()):
+                self.run_dir.metrics(row)
+                self._postfix()
+            self._bar.update(1)
+        for step in sorted(s for s in self.eval_refs if s <= upto + 1):
+            result = unwrap(self.eval_refs.pop(step))
+            self.run_dir.evaluation(
+                {
+                    "step": step,
+                    "accuracy": result["accuracy"],
+                    "accuracy_by_difficulty": result["by_difficulty"],
+                    "n": result["n"],
+                }
+            )
+
+    def _record_probe(self, step: int) -> None:
+        if step not in self.planner.probes:
+            self.planner.record_probe(step, unwrap(self.probe_refs.pop(step)))
+
+    # ------------------------------------------------------------------ planning
+    def _plan(self, j: int) -> _Submitted:
+        steps, probe = self.planner.missing(j)
+        if steps:
+            self._collect(max(steps))
+        if probe is not None:
+            self._record_probe(probe)
+        obs = self.planner.observation(j)
+        try:
+            decision, policy_state = self._policy_call("decide", j, obs)
+        except PolicyError as err:
+            raise PolicyError(f"{err}\n{self._stopped(j)}") from None
+        plan = self.planner.plan(j, decision, policy_state)
+        if plan.decision_row is not None:
+            self.run_dir.decision(plan.decision_row)
+        for i in plan.release:
+            self.launcher.release_teacher(i, pending=self.teacher_refs.pop(i, []))
+        batch_ref = ray.put(plan.batch)
+        if self.c.distill.objective == "sequence":
+            t = self.launcher.teacher(plan.teachers[0])
+            refs = [t.generate.remote(batch_ref, self.w.max_new_tokens)]
+        else:
+            refs = [self.launcher.teacher(i).targets.remote(batch_ref) for i in plan.teachers]
+        for i, ref in zip(plan.teachers, refs, strict=True):
+            pending = self.teacher_refs.setdefault(i, [])
+            pending.append(ref)
+            if len(pending) > 4 * self.c.train.prefetch:  # keep only what may be in flight
+                del pending[: len(pending) - 2 * self.c.train.prefetch]
+        return _Submitted(plan, batch_ref, refs)
+
+    def _policy_call(self, method: str, j: int, *args: Any) -> Any:
+        """A call of the scheduler's policy, bounded by ``scheduler.timeout_s``."""
+        timeout = self.c.scheduler.timeout_s
+        try:
+            return unwrap(getattr(self.actors.scheduler, method).remote(*args), timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise PolicyError(
+                f"policy {self.planner.policy_name!r}: {method}() at step {j} did not return "
+                f"within scheduler.timeout_s={timeout:g} s; fix the policy (does it block or loop?) "
+                "or raise scheduler.timeout_s"
+            ) from None
+
+    def _stopped(self, j: int) -> str:
+        ckpt = self._last[0] if self._last else None
+        if ckpt is None:
+            return f"The run stopped at step {j}, before its first checkpoint; fix the policy and start it again."
+        return (
+            f"The run stopped at step {j}; its last checkpoint {ckpt} is intact: fix the policy, "
+            f"then continue with `clpd run --resume {self.run_dir.uri}`."
+        )
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> RunStats:
+        """Train to ``total_steps`` (replaying from a checkpoint after a failure), then evaluate
+        the student on the held-out set and save it to ``<out>/student``."""
+        self._setup_probes()
+        start = time.perf_counter()
+        if self.resume_from is not None:
+            self._last = (self.resume_from, self.run_dir.read_checkpoint(self.resume_from))
+        else:
+            policy_state = self._policy_call("state_dict", 0)
+            self.planner.reset()
+            self._last = (None, self.planner.state_dict(0, policy_state))
+        fresh = self.resume_from is None
+        self._bar = tqdm(
+            total=self.c.train.total_steps,
+            desc=f"clpd {self.planner.policy_name}",
+            disable=not self.progress,
+            unit="step",
+        )
+        try:
+            while True:
+                ckpt, state = self._last
+                try:
+                    self._restore(ckpt, state, fresh=fresh)
+                    self._train(int(state["step"]))
+                    trained = time.perf_counter()
+                    stats = self._finish()
+                    break
+                except Exception as err:
+                    if not is_recoverable(err):
+                        raise
+                    self._recover(err)
+                    fresh = False
+        finally:
+            self._bar.close()
+        stats.wall_s = trained - start  # training, replays included; not the final evaluation
+        return stats
+
+    def _train(self, start: int) -> None:
+        """Plan, and submit at once, every step from ``start``: the student's queue holds up to D
+        steps, and the driver waits only for what an observation may read (results <= j-D-1)."""
+        total = self.c.train.total_steps
+        self._bar.n = start  # the bar counts finished steps
+        self._bar.refresh()
+        for j in range(start, total):
+            self._submit(self._plan(j))
+            self._commit_ready()
+            self.planner.forget_before(min([j + 1, *(n for n, _ in self.pending_checkpoints)]))
+            if self.on_step is not None:
+                self.on_step(j + 1)
+        self._collect(total - 1)
+        self._commit_ready(wait=True)
+
+    def _submit(self, sub: _Submitted) -> None:
+        """Queue step j on the student, then whatever must see the weights right after it."""
+        plan, student = sub.plan, self.actors.student
+        if self.c.distill.objective == "sequence":
+            ref = student.train_step.remote(sub.target_refs[0])
+        else:
+            weights = list(plan.weights) if plan.weights else None
+            ref = student.train_step.remote(sub.batch_ref, *sub.target_refs, weights=weights)
+        self.inflight.append((plan.step, ref))
+        done = plan.step + 1
+        # The actor runs its calls in order: these see the weights after exactly `done` steps.
+        if plan.probe_after:
+            self.probe_refs[done] = self._probe(done)
+        if plan.eval_after:
+            self.eval_refs[done] = student.evaluate.remote(self.w.eval, self.w.max_new_tokens)
+        if plan.checkpoint_after:
+            uri = self.run_dir.checkpoint_dir(done)
+            self.pending_checkpoints.append((done, student.checkpoint.remote(uri)))
+
+    def _postfix(self) -> None:
+        recent = [r.loss for r in list(self.planner.results.values())[-10:]]
+        cur = self.planner.current
+        self._bar.set_postfix(
+            loss=f"{np.mean(recent):.3f}" if recent else "-",
+            stage=cur.stage if cur else 0,
+            teacher=self.planner.names[cur.teacher] if cur else "-",
+            refresh=False,
+        )
+
+    def _finish(self) -> RunStats:
+        actors = self.actors
+        evaluation = unwrap(actors.student.evaluate.remote(self.w.eval, self.w.max_new_tokens))
+        unwrap(actors.student.save_pretrained.remote(self.run_dir.student_dir()))
+        student = unwrap(actors.student.stats.remote())
+        busy = {"student": student["busy_s"]}
+        for name, h in zip(self.planner.names, actors.teachers, strict=True):
+            if h is not None:
+                busy[f"teacher-{name}"] = unwrap(h.stats.remote())["busy_s"]
+        busy["scheduler"] = unwrap(actors.scheduler.stats.remote())["busy_s"]
+        return RunStats(
+            steps=self.c.train.total_steps,
+            recoveries=self.recoveries,
+            evaluation=evaluation,
+            student=student,
+            busy_s=busy,
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def _commit_ready(self, *, wait: bool = False) -> None:
+        """Commit each checkpoint whose step results are all recorded (the observations collect
+        them anyway, D steps later); ``wait``: collect what is missing (the end of training)."""
+        while self.pending_checkpoints:
+            n, ref = self.pending_checkpoints[0]
+            if not wait and self.inflight and self.inflight[0][0] < n:
+                return
+            self._collect(n - 1)
+            for p in self.planner.probes_for_checkpoint(n):
+                self._record_probe(p)
+            unwrap(ref)  # the student has written its files
+            state = self.planner.state_dict(n)
+            final = self.run_dir.commit_checkpoint(n, state)
+            self._last = (final, json.loads(json.dumps(state)))  # exactly what a resume reads
+            self.pending_checkpoints.popleft()
+
+    def _restore(self, ckpt: str | None, state: dict[str, Any], *, fresh: bool) -> None:
+        """Put actors, planner and run directory back to ``state`` (step N), ready to plan N."""
+        actors = self.actors
+        where = f"checkpoint {ckpt}" if ckpt else "the start of the run"
+        step = self.planner.load_state_dict(state, where)
+        if not fresh:
+            unwrap(actors.student.restore.remote(ckpt))
+            self.run_dir.rewind(step)
+        if self.planner.reads_probes:
+            unwrap(
+                actors.scheduler.set_probes.options(concurrency_group=PROBE_GROUP).remote(
+                    *self._probe_args
+                )
+            )
+        self._policy_call("load_state_dict", step, state["policy"])
+        self.inflight = deque()
+        self.pending_checkpoints = deque()
+        self.eval_refs = {}
+        self.teacher_refs = {}
+        self.probe_refs = {int(p): self._probe(int(p)) for p in state["pending_probes"]}
+        self.planner.start_clock(time.perf_counter())
+
+    def _recover(self, err: BaseException) -> None:
+        """After a lost actor: wait until Ray has restarted it; the loop then replays."""
+        self.recoveries += 1
+        ckpt, state = self._last or (None, {})
+        if self.recoveries > self.max_recoveries:
+            raise RuntimeError(
+                f"gave up after {self.max_recoveries} recoveries in one run; the last failure was "
+                f"{describe_failure(err)}. Continue later with `clpd run --resume {self.run_dir.uri}`"
+            ) from err
+        _log.warning(
+            "clpd: an actor failed (%s); replaying from %s (step %s), recovery %d of at most %d",
+            describe_failure(err),
+            ckpt or "the start of the run",
+            state.get("step", 0),
+            self.recoveries,
+            self.max_recoveries,
+        )
+        wait_for_restarts(self.launcher)
+
+    def summary_stages(self) -> dict[str, list[int]]:
+        return self.planner.stage_summary()
