@@ -1,12 +1,15 @@
-"""The ``clpd`` command line: demo, run, validate, ladder, ablate, report.
+"""The ``clpd`` command line: demo, run, validate, ladder, ablate, report, status.
 
 Exit codes: 0 success, 2 bad input (config, data, arguments, policy) with one message naming the
-cause and the fix and no traceback, 1 internal error (with traceback), 130 interrupted.
+cause and the fix and no traceback, 1 internal error (with traceback), 130 stopped by SIGINT
+(Ctrl-C), 143 stopped by SIGTERM: a run stops at a step boundary with a checkpoint and prints
+``clpd: stopped by SIGTERM at step N; continue with: clpd run --resume DIR``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -168,11 +171,57 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from clpd_ray.runtime.status import format_status, read_status, watch
+
+    if args.watch is None:
+        print(format_status(read_status(args.run_dir)))
+        return 0
+    if args.watch <= 0:
+        raise ClpdError(f"--watch {args.watch:g}: give a refresh period in seconds > 0, e.g. 5")
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a watch ends: not an error
+        watch(args.run_dir, args.watch)
+    return 0
+
+
+EXIT_CODES = """exit codes:
+  0    ok
+  1    internal error (with a traceback to report)
+  2    bad input: a config, data, argument, model or run directory (one message naming
+       the cause and the fix, no traceback)
+  130  stopped by Ctrl-C (SIGINT); 143 stopped by SIGTERM. A run stops at a step boundary
+       with a checkpoint; continue it with: clpd run --resume DIR"""
+
+
+def _epilog(*examples: str) -> str:
+    return "examples:\n" + "".join(f"  {e}\n" for e in examples) + "\n" + EXIT_CODES
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from clpd_ray import __version__
+
     p = argparse.ArgumentParser(
-        prog="clpd", description="Curriculum Learning-Guided Progressive Distillation on Ray"
+        prog="clpd",
+        description="Curriculum Learning-Guided Progressive Distillation on Ray",
+        epilog=_epilog(
+            "clpd demo --quick",
+            "clpd run configs/demo.yaml --out runs/a --set train.total_steps=300",
+            "clpd status runs/a --watch",
+            "clpd <command> --help",
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, what: str, *examples: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=what,
+            description=what,
+            epilog=_epilog(*examples),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
@@ -188,11 +237,22 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sp.add_argument("--quick", action="store_true", help="shrink budgets to a smoke test")
 
-    d = sub.add_parser("demo", help="the embedded default end to end on local Ray")
+    d = command(
+        "demo",
+        "the embedded default end to end on local Ray",
+        "clpd demo --quick",
+        "clpd demo --out runs/demo --set train.report_to=[jsonl,tensorboard]",
+    )
     common(d)
-    r = sub.add_parser("run", help="run any config")
+    r = command(
+        "run",
+        "run any config, or continue a stopped run",
+        "clpd run configs/demo.yaml --out runs/a",
+        "clpd run configs/demo.yaml --out s3://bucket/runs/a --address auto",
+        "clpd run --resume runs/a",
+    )
     what = r.add_mutually_exclusive_group(required=True)  # a config, or a run to continue
-    what.add_argument("config", nargs="?")
+    what.add_argument("config", nargs="?", help="the YAML config to run, e.g. configs/demo.yaml")
     what.add_argument(
         "--resume",
         metavar="RUN_DIR",
@@ -204,20 +264,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--address",
         help="Ray address to join ('auto' = the running cluster); default: start a local one",
     )
-    v = sub.add_parser("validate", help="validate a config without running it")
-    v.add_argument("config")
-    v.add_argument("--set", action="append", metavar="KEY=VALUE")
-    lad = sub.add_parser(
-        "ladder", help="train (or load) the teacher ladder and print its accuracy table"
+    v = command(
+        "validate",
+        "validate a config without running it",
+        "clpd validate configs/demo.yaml --set train.total_steps=100",
     )
-    lad.add_argument("config", nargs="?")
-    lad.add_argument("--set", action="append", metavar="KEY=VALUE")
-    lad.add_argument("--quick", action="store_true")
-    lad.add_argument("--json", action="store_true")
-    ab = sub.add_parser(
-        "ablate", help="run arms x seeds on the same data and teachers; resumable; then report"
+    v.add_argument("config", help="the YAML config to check, e.g. configs/demo.yaml")
+    v.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. train.total_steps=100",
     )
-    ab.add_argument("config")
+    lad = command(
+        "ladder",
+        "train (or load) the teacher ladder and print its accuracy table",
+        "clpd ladder",
+        "clpd ladder configs/demo.yaml --json",
+    )
+    lad.add_argument(
+        "config", nargs="?", help="the YAML config whose ladder to show (default: the demo's)"
+    )
+    lad.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. teachers.cache_dir=/tmp/clpd-cache",
+    )
+    lad.add_argument("--quick", action="store_true", help="shrink budgets to a smoke test")
+    lad.add_argument(
+        "--json", action="store_true", help="also print each teacher's accuracies as JSON"
+    )
+    ab = command(
+        "ablate",
+        "run arms x seeds on the same data and teachers; resumable; then report",
+        "clpd ablate configs/ablation.yaml --seeds 5 --out runs/ablation",
+        "clpd ablate configs/ablation.yaml --arms clpd,fixed --single-teachers --quick",
+    )
+    ab.add_argument(
+        "config", help="the YAML config every arm starts from, e.g. configs/ablation.yaml"
+    )
     ab.add_argument(
         "--arms",
         help="comma-separated built-in policies and single:<teacher> arms (default: the six "
@@ -239,21 +325,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ab.add_argument("--quick", action="store_true", help="shrink budgets to a smoke test")
     ab.add_argument("--address", help="Ray address to join; default: start a local one")
-    rep = sub.add_parser(
-        "report", help="rewrite an ablation's summary.json, report.md and figures from its files"
+    rep = command(
+        "report",
+        "rewrite an ablation's summary.json, report.md and figures from its files",
+        "clpd report runs/ablation",
+        "clpd report runs/ablation --export results/ablation",
     )
-    rep.add_argument("dir")
+    rep.add_argument("dir", help="the ablation directory (the --out of `clpd ablate`)")
     rep.add_argument(
         "--export",
         metavar="DST",
         help="copy the report's inputs (no weights or checkpoints) to the new directory DST and "
         "report there: a small, shareable copy that `clpd report DST` rebuilds",
     )
+    st = command(
+        "status",
+        "print a run's state from its run directory (no Ray needed): step and ETA, stage and "
+        "teacher, loss, tokens/s, checkpoint; finished, running or interrupted",
+        "clpd status runs/a",
+        "clpd status s3://bucket/runs/a --watch 10",
+    )
+    st.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        help="the run's --out: a local path or s3://bucket/prefix, e.g. runs/a",
+    )
+    st.add_argument(
+        "--watch",
+        nargs="?",
+        const=5.0,
+        type=float,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 5) until the run is no longer running, or Ctrl-C",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from clpd_ray.runtime.cleanup import stopping_local_ray
+    from clpd_ray.runtime.stopping import handling_stop_signals
+
     args = build_parser().parse_args(argv)
+    runs = args.command in ("run", "demo")
+    # A local Ray started here stops when clpd exits, however; SIGINT/SIGTERM stop a run at a
+    # step boundary with a checkpoint (runtime/stopping.py).
+    with stopping_local_ray(), handling_stop_signals() if runs else contextlib.nullcontext():
+        return _dispatch(args)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from clpd_ray.runtime.stopping import Interrupted, RunStopped, exit_code
+
     try:
         if args.command == "demo":
             return cmd_run(args, demo_config_path())
@@ -265,10 +387,20 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_ablate(args)
         if args.command == "report":
             return cmd_report(args)
+        if args.command == "status":
+            return cmd_status(args)
         return cmd_ladder(args)
     except ClpdError as err:
         print(f"clpd: error: {err}", file=sys.stderr)
         return 2
+    except RunStopped as stop:
+        print(f"clpd: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except Interrupted as err:  # before training started: nothing new to keep
+        resume = getattr(args, "resume", None)
+        then = f"; continue with: clpd run --resume {resume}" if resume else ""
+        print(f"clpd: stopped by {err.signal.name} before training started{then}", file=sys.stderr)
+        return exit_code(err.signal)
     except KeyboardInterrupt:
         print("clpd: interrupted", file=sys.stderr)
         return 130

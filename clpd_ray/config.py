@@ -36,6 +36,7 @@ __all__ = [
     "DataConfig",
     "DistillConfig",
     "ModelSpec",
+    "ReportTo",
     "SchedulerConfig",
     "StudentConfig",
     "TaskConfig",
@@ -50,6 +51,8 @@ __all__ = [
 
 LossKind = Literal["fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd"]
 TailMode = Literal["renormalise", "zero", "tail_bucket"]
+# Experiment trackers that also get the training rows (runtime/tracking.py).
+ReportTo = Literal["jsonl", "tensorboard", "wandb", "mlflow"]
 
 # The seed feeds numpy Generators (>= 0 only), torch.manual_seed (< 2**64) and seed offsets;
 # 2**32 - 1 is the range every one of them, and numpy's legacy np.random.seed, accepts.
@@ -207,6 +210,22 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(200, ge=0)
     # Committed checkpoints kept in the run directory (older ones are deleted after each commit).
     keep_checkpoints: int = Field(2, ge=1)
+    # Where the training rows, decisions, evaluations and final tables also go. The run
+    # directory's jsonl files are written whatever this says (status and --resume read them).
+    report_to: list[ReportTo] = Field(default_factory=lambda: list[ReportTo](["jsonl"]))
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # --set train.report_to=wandb
+
+    @field_validator("report_to")
+    @classmethod
+    def _each_once(cls, names: list[str]) -> list[str]:
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"{names} names {', '.join(twice)} more than once; list each once")
+        return names
 
 
 class ClusterConfig(_Strict):

@@ -122,22 +122,17 @@ def _snapshot(root: Path) -> dict[str, bytes | None]:
 
 
 def _existing_run(path: Path, config_text: str | bytes) -> Path:
-    """A run stopped at step 7 with a checkpoint at 5: what a resume would rewind, if it ran."""
-    from clpd_ray.runtime.rundir import RunDir, sha256
+    """A run stopped at step 7 with a checkpoint at 5: what a resume would rewind, if it ran.
+    The checkpoint is a valid one (test_resume.py covers damaged ones), so a resume reaches the
+    input checks."""
+    from checkpoint_files import write_checkpoint
 
-    ckpt = path / "checkpoints" / "step-0000005"
-    ckpt.mkdir(parents=True)
-    (path / "checkpoints" / "step-0000010").mkdir()  # started by the student, never committed
+    (path / "checkpoints" / "step-0000010").mkdir(parents=True)  # never committed
     raw = config_text if isinstance(config_text, bytes) else config_text.encode()
     (path / "config.yaml").write_bytes(raw)
     (path / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (5, 7)))
     (path / "decisions.jsonl").write_text(json.dumps({"step": 0, "stage": 0}) + "\n")
-    files = {}
-    for name in ("student.safetensors", "student_optim.pt"):
-        (ckpt / name).write_bytes(b"kept as is")
-        files[name] = {"size": 10, "sha256": sha256(b"kept as is")}
-    (ckpt / "student.json").write_text(json.dumps({"step": 5, "files": files}))
-    RunDir(path).commit_checkpoint(5, {"step": 5})  # controller.json, then the manifest
+    write_checkpoint(path, 5)  # the student's files, controller.json, then the manifest
     return path
 
 

@@ -269,7 +269,13 @@ def test_killed_teachers_student_and_scheduler_give_the_uninterrupted_result(
             return
         if what == "teacher":  # the teacher the latest decision uses: it has requests in flight
             what = f"teacher-{_jsonl(out / 'decisions.jsonl')[-1]['teacher']}"
-        pid = _pid(ray.get_actor(what, namespace=NAMESPACE))
+        # Actor names carry the run id (student-<id>, teacher-<name>-<id>); one run at a time here.
+        [name] = [
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == NAMESPACE and a["name"].startswith(f"{what}-")
+        ]
+        pid = _pid(ray.get_actor(name, namespace=NAMESPACE))
         os.kill(pid, signal.SIGKILL)
         killed.append((done, what, pid))
 
@@ -392,6 +398,8 @@ def test_sigkilled_driver_resumes_from_s3_to_the_uninterrupted_result(
     files = storage.file_sizes(out)
     top = {name.split("/")[0] for name in files}
     assert top == {"config.yaml", "metrics.jsonl", "decisions.jsonl", "summary.json"} | {
+        "run.json",  # the config it started with and its models' fingerprints
+        "resumes.jsonl",  # the resume after the kill (the lock object is gone: released)
         "student",
         "models",
         "checkpoints",

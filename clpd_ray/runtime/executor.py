@@ -52,6 +52,8 @@ from clpd_ray.runtime.actors.launcher import Launcher
 from clpd_ray.runtime.planner import Planner, StepPlan, probe_sets
 from clpd_ray.runtime.recovery import describe_failure, is_recoverable, wait_for_restarts
 from clpd_ray.runtime.rundir import RunDir
+from clpd_ray.runtime.stopping import RunStopped, stop_requested
+from clpd_ray.runtime.tracking import Reporter
 from clpd_ray.workload import Workload
 
 __all__ = ["PROBE_GROUP", "Executor", "RunStats", "unwrap"]
@@ -111,12 +113,14 @@ class Executor:
         on_step: Callable[[int], None] | None = None,
         resume_from: str | None = None,
         max_recoveries: int = 10,
+        reporter: Reporter | None = None,
     ) -> None:
         """``on_step(done)`` runs on the driver after step ``done`` is submitted (a test hook; it
         runs again for replayed steps). ``resume_from``: a checkpoint to continue from."""
         self.c = config
         self.w = workload
         self.run_dir = run_dir
+        self.reporter = reporter or Reporter(run_dir)  # run directory + train.report_to
         self.launcher = launcher
         self.planner = Planner(
             config,
@@ -188,12 +192,12 @@ class Executor:
             _, ref = self.inflight.popleft()
             res: StepResult = unwrap(ref)
             for row in self.planner.record(res, time.perf_counter()):
-                self.run_dir.metrics(row)
+                self.reporter.metrics({**row, "recoveries": self.recoveries})
                 self._postfix()
             self._bar.update(1)
         for step in sorted(s for s in self.eval_refs if s <= upto + 1):
             result = unwrap(self.eval_refs.pop(step))
-            self.run_dir.evaluation(
+            self.reporter.evaluation(
                 {
                     "step": step,
                     "accuracy": result["accuracy"],
@@ -220,7 +224,7 @@ class Executor:
             raise PolicyError(f"{err}\n{self._stopped(j)}") from None
         plan = self.planner.plan(j, decision, policy_state)
         if plan.decision_row is not None:
-            self.run_dir.decision(plan.decision_row)
+            self.reporter.decision(plan.decision_row)
         for i in plan.release:
             self.launcher.release_teacher(i, pending=self.teacher_refs.pop(i, []))
         batch_ref = ray.put(plan.batch)
@@ -307,8 +311,28 @@ class Executor:
             self.planner.forget_before(min([j + 1, *(n for n, _ in self.pending_checkpoints)]))
             if self.on_step is not None:
                 self.on_step(j + 1)
+            if j + 1 < total and stop_requested() is not None:  # SIGINT/SIGTERM (stopping.py)
+                self._stop_at(j + 1)
         self._collect(total - 1)
         self._commit_ready(wait=True)
+
+    def _stop_at(self, n: int) -> None:
+        """Stop at step boundary ``n`` on request: commit the checkpoints queued so far and one
+        at ``n`` (the student has exactly ``n`` steps queued; the policy decided up to n-1),
+        then raise :class:`RunStopped`, from which ``clpd run --resume`` continues at ``n``."""
+        sig = stop_requested()
+        assert sig is not None
+        self._commit_ready(wait=True)  # those due; ``n``'s too if it was one
+        if self._last is None or int(self._last[1]["step"]) != n:
+            ref = self.actors.student.checkpoint.remote(self.run_dir.checkpoint_dir(n))
+            self._collect(n - 1)
+            for p in self.planner.probes_for_checkpoint(n):
+                self._record_probe(p)
+            policy_state = self._policy_call("state_dict", n)
+            unwrap(ref)
+            state = self.planner.state_dict(n, policy_state)
+            self._last = (self.run_dir.commit_checkpoint(n, state), json.loads(json.dumps(state)))
+        raise RunStopped(sig, n, self.run_dir.uri)
 
     def _submit(self, sub: _Submitted) -> None:
         """Queue step j on the student, then whatever must see the weights right after it."""

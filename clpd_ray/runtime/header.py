@@ -41,7 +41,7 @@ def format_header(
         f"  ray:       {ray_line}",
         f"  placement: {placement.why}",
     ]
-    width = max((len(p.name) for p in places), default=0)
+    width = max([len(p.name) for p in places] + [len(n) for n in not_started], default=0)
     for p in places:
         gpus = f"  GPU {','.join(p.gpu_ids)}" if p.gpu_ids else ""
         lines.append(f"  {p.name:<{width}}  {p.node_ip} (node {p.node_id[:8]})  {p.device}{gpus}")

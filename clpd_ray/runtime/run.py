@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 import uuid
@@ -29,7 +30,9 @@ from clpd_ray.data.tokenizer import load_tokenizer
 from clpd_ray.data.vocab import check_same_vocab
 from clpd_ray.errors import ModelLoadError
 from clpd_ray.policies import SchedulerPolicy, bind_policy, resolve_policy
+from clpd_ray.runtime import resume, storage
 from clpd_ray.runtime.actors.launcher import Launcher
+from clpd_ray.runtime.cleanup import watch_local_ray
 from clpd_ray.runtime.connect import (
     check_address,
     dashboard_url,
@@ -39,9 +42,13 @@ from clpd_ray.runtime.connect import (
 )
 from clpd_ray.runtime.executor import Executor
 from clpd_ray.runtime.header import format_header
+from clpd_ray.runtime.identity import model_fingerprints
+from clpd_ray.runtime.lock import run_lock
 from clpd_ray.runtime.models_store import actor_sources, localise
 from clpd_ray.runtime.placement import Placement, plan_placement
 from clpd_ray.runtime.rundir import RunDir
+from clpd_ray.runtime.stopping import Interrupted, RunStopped, handling_stop_signals
+from clpd_ray.runtime.tracking import Reporter, check_report_to
 from clpd_ray.workload import Workload, build_workload
 
 __all__ = [
@@ -161,6 +168,7 @@ def run_distillation(
     the run summary. ``on_step(done)`` is a test hook run on the driver after each step."""
     start = time.perf_counter()
     resolved = resolve_run_policy(config, policy)
+    check_report_to(config.train.report_to)  # a missing tracker package: before anything is made
     RunDir.check_new(out_dir)  # before the (slow) workload: a taken --out fails at once
     address = resolve_address(config, address)
     check_address(address)  # seconds: an unreachable cluster or a refused token fails now
@@ -170,19 +178,23 @@ def run_distillation(
     check_tokenizers(local, workload)
     check_stages(config, workload.scores, resolved.name, resolved.curriculum)
     placement = connect(config, address)
-    run_dir = RunDir.create(out_dir, config)  # the config as given: actors fetch s3:// models
-    return _execute(
-        config,
-        run_dir,
-        resolved,
-        workload,
-        start=start,
-        address=address,
-        placement=placement,
-        progress=progress,
-        name_suffix=name_suffix,
-        on_step=on_step,
-    )
+    models = model_fingerprints(local, [e.path for e in workload.ladder])
+    # Locked from creation to the end, however the run ends: a second run with the same --out
+    # stops naming this one (runtime/lock.py).
+    with run_lock(storage.resolve(out_dir)):
+        run_dir = RunDir.create(out_dir, config, models=models)  # the config as given
+        return _execute(
+            config,
+            run_dir,
+            resolved,
+            workload,
+            start=start,
+            address=address,
+            placement=placement,
+            progress=progress,
+            name_suffix=name_suffix,
+            on_step=on_step,
+        )
 
 
 def resume_distillation(
@@ -200,38 +212,41 @@ def resume_distillation(
     must be the one the run was started with)."""
     start = time.perf_counter()
     run_dir = RunDir.open(out_dir)
-    finished = run_dir.finished_summary()
-    if finished is not None:
-        _log.warning("clpd: %s is a finished run; nothing to resume", run_dir.uri)
-        return finished
-    config = run_dir.config
-    assert config is not None  # RunDir.open read it
-    ckpt = run_dir.latest_checkpoint()
-    step = int(run_dir.read_checkpoint(ckpt)["step"]) if ckpt else 0
-    resolved = resolve_run_policy(config)
-    address = resolve_address(config, address)
-    check_address(address)
-    local = localise(config)
-    check_models(local)
-    workload = workload or build_workload(local, progress=progress)
-    check_tokenizers(local, workload)
-    check_stages(config, workload.scores, resolved.name, resolved.curriculum)
-    placement = connect(config, address)
-    run_dir.rewind(step)
-    return _execute(
-        config,
-        run_dir,
-        resolved,
-        workload,
-        start=start,
-        address=address,
-        placement=placement,
-        progress=progress,
-        name_suffix=name_suffix,
-        on_step=on_step,
-        resume_from=ckpt,
-        resumed_from_step=step,
-    )
+    with run_lock(run_dir.uri):  # a second resume stops naming this one; released however it ends
+        finished = run_dir.finished_summary()
+        if finished is not None:
+            _log.warning("clpd: %s is a finished run; nothing to resume", run_dir.uri)
+            return finished
+        config = run_dir.config
+        assert config is not None  # RunDir.open read it
+        # Only reads until resume.commit: a refused resume leaves the directory as it was.
+        plan = resume.check_start(run_dir)  # config edits, newest good checkpoint
+        resolved = resolve_run_policy(config)
+        check_report_to(config.train.report_to)
+        address = resolve_address(config, address)
+        check_address(address)
+        local = localise(config)
+        check_models(local)
+        workload = workload or build_workload(local, progress=progress)
+        check_tokenizers(local, workload)
+        check_stages(config, workload.scores, resolved.name, resolved.curriculum)
+        resume.check_models(run_dir, plan, local, [e.path for e in workload.ladder])
+        placement = connect(config, address)
+        resume.commit(run_dir, plan)  # drop damaged newer checkpoints, rewind, resumes.jsonl
+        return _execute(
+            config,
+            run_dir,
+            resolved,
+            workload,
+            start=start,
+            address=address,
+            placement=placement,
+            progress=progress,
+            name_suffix=name_suffix,
+            on_step=on_step,
+            resume_from=plan.choice.checkpoint,
+            resumed_from_step=plan.step,
+        )
 
 
 def _announce(launcher: Launcher, run_dir: str, address: str | None, progress: bool) -> None:
@@ -254,6 +269,18 @@ def _announce(launcher: Launcher, run_dir: str, address: str | None, progress: b
         print(text, file=sys.stderr, flush=True)
     else:
         _log.info("%s", text)
+
+
+def _max_recoveries() -> int:
+    """Recoveries (replays after a lost student or scheduler) one driver allows before it gives
+    up: 10, or ``CLPD_MAX_RECOVERIES`` (soak tests, benchmarks/chaos.py)."""
+    return int(os.environ.get("CLPD_MAX_RECOVERIES", "10"))
+
+
+def _resume_step(run_dir: RunDir) -> int:
+    """The step ``--resume`` continues from: the newest committed checkpoint's, else 0."""
+    ckpt = run_dir.latest_checkpoint()
+    return int(run_dir.read_checkpoint(ckpt)["step"]) if ckpt else 0
 
 
 def _execute(
@@ -286,20 +313,66 @@ def _execute(
         placement=placement,
     )
     _ship_by_value(resolved)
+    reporter = Reporter.for_run(config, run_dir, run_id)  # run directory + train.report_to
     try:
-        launcher.start(resolved, None)
-        _announce(launcher, run_dir.uri, address, progress)
-        executor = Executor(
+        return _train_and_summarise(
             config,
-            workload,
             run_dir,
-            launcher,
             resolved,
+            workload,
+            launcher,
+            reporter,
+            start=start,
+            address=address,
             progress=progress,
             on_step=on_step,
             resume_from=resume_from,
+            resumed_from_step=resumed_from_step,
         )
-        stats = executor.run()
+    finally:
+        reporter.close()
+
+
+def _train_and_summarise(
+    config: Config,
+    run_dir: RunDir,
+    resolved: SchedulerPolicy,
+    workload: Workload,
+    launcher: Launcher,
+    reporter: Reporter,
+    *,
+    start: float,
+    address: str | None,
+    progress: bool,
+    on_step: Callable[[int], None] | None,
+    resume_from: str | None,
+    resumed_from_step: int | None,
+) -> dict:
+    watch_local_ray()  # a local Ray this process started goes when it goes, even by SIGKILL
+    try:
+        # SIGINT/SIGTERM (stopping.py): ours again (ray.init set its own SIGTERM handler); while
+        # the actors start, a stop at once; in training, at the next step boundary.
+        with handling_stop_signals():
+            launcher.start(resolved, None)
+            _announce(launcher, run_dir.uri, address, progress)
+            executor = Executor(
+                config,
+                workload,
+                run_dir,
+                launcher,
+                resolved,
+                progress=progress,
+                on_step=on_step,
+                resume_from=resume_from,
+                max_recoveries=_max_recoveries(),
+                reporter=reporter,
+            )
+            with handling_stop_signals(armed=True):
+                stats = executor.run()
+    except Interrupted as err:  # a second signal, or one while the actors were starting
+        raise RunStopped(
+            err.signal, _resume_step(run_dir), run_dir.uri, at_boundary=False
+        ) from None
     finally:
         launcher.shutdown()
     teachers = {}
@@ -312,7 +385,7 @@ def _execute(
         }
     result = stats.evaluation
     summary = {
-        "run_id": run_id,
+        "run_id": launcher.run_id,
         "policy": resolved.name,
         "steps": stats.steps,
         "wall_s": round(time.perf_counter() - start, 2),
@@ -330,5 +403,5 @@ def _execute(
         "busy_s": {k: round(v, 3) for k, v in stats.busy_s.items()},
     }
     summary = json.loads(json.dumps(summary))  # the dict callers get equals summary.json
-    run_dir.summary(summary)
+    reporter.summary(summary)
     return summary

@@ -4,7 +4,12 @@ A run directory is a storage location (:mod:`clpd_ray.runtime.storage`): a local
 filesystem or an ``s3://bucket/prefix`` URI, with the same layout in each::
 
   <out>/
-    config.yaml        the resolved config
+    config.yaml        the resolved config (a resume reads it; see run.json for what may change)
+    run.json           the config the run started with and the fingerprint of every model it
+                       used, written once at creation (runtime/identity.py); --resume checks both
+    resumes.jsonl      one JSON object per resume: time, host, pid, from_step, the harmless
+                       config changes it accepted, the damaged checkpoints it passed over
+    .clpd.lock         held while a run or resume uses the directory (runtime/lock.py)
     metrics.jsonl      one JSON object per logged step: step, stage, teacher, loss, lr, tokens_per_s, ...
     decisions.jsonl    one JSON object per scheduler decision that changed something:
                        step, stage, teacher, policy, reason, replay
@@ -28,6 +33,7 @@ for each row; an object is replaced atomically, so a crash leaves the previous v
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -41,8 +47,10 @@ import yaml
 from clpd_ray.config import Config, load_config
 from clpd_ray.errors import ConfigError, RunDirError, StorageError
 from clpd_ray.runtime import storage
+from clpd_ray.runtime.lock import LOCK_FILE
 
 __all__ = [
+    "IDENTITY",
     "MANIFEST",
     "STUDENT_FILES",
     "RunDir",
@@ -54,6 +62,7 @@ __all__ = [
 # What the student actor writes into a checkpoint; student.json (last) lists the others' hashes.
 STUDENT_FILES = ("student.safetensors", "student_optim.pt", "student.json")
 MANIFEST = "manifest.json"
+IDENTITY = "run.json"
 _STEP = re.compile(r"^step-(\d+)$")
 
 
@@ -88,10 +97,13 @@ class RunDir:
         bucket that exists and answers)."""
         where = storage.resolve(uri)
         storage.check_bucket(where)
+        # The run's own lock (taken just before create) does not make the directory taken.
         if storage.is_s3(where) or not Path(where).exists():
-            taken = bool(storage.list_dir(where))
+            taken = bool(set(storage.list_dir(where)) - {LOCK_FILE})
         else:
-            taken = not Path(where).is_dir() or any(Path(where).iterdir())
+            taken = not Path(where).is_dir() or any(
+                p.name != LOCK_FILE for p in Path(where).iterdir()
+            )
         if taken:
             if storage.exists(storage.join(where, "config.yaml")):
                 hint = (
@@ -102,17 +114,55 @@ class RunDir:
             raise RunDirError(f"--out {where} already exists and is not empty; {hint}")
 
     @classmethod
-    def create(cls, uri: str | Path, config: Config) -> RunDir:
-        """A new run directory; refuses an existing non-empty one so nothing is overwritten."""
+    def create(
+        cls, uri: str | Path, config: Config, *, models: dict[str, Any] | None = None
+    ) -> RunDir:
+        """A new run directory; refuses an existing non-empty one so nothing is overwritten.
+        ``models``: the fingerprint of every model the run uses (``identity.model_fingerprints``),
+        kept with the config in ``run.json``. A write that fails (a full or read-only disk)
+        removes what it wrote before raising :class:`StorageError`."""
         cls.check_new(uri)
         run = cls(uri, keep_checkpoints=config.train.keep_checkpoints)
-        if not storage.is_s3(run.uri):
-            Path(run.uri, "checkpoints").mkdir(parents=True, exist_ok=True)
-        storage.write_text(
-            run._at("config.yaml"), yaml.safe_dump(config.to_dict(), sort_keys=False)
-        )
+        try:
+            storage.make_dir(run.checkpoints)
+            storage.write_text(
+                run._at("config.yaml"), yaml.safe_dump(config.to_dict(), sort_keys=False)
+            )
+            run.write_identity(config, models or {})
+        except StorageError:
+            with contextlib.suppress(StorageError):  # nothing half-made is left behind
+                storage.delete_file(run._at("config.yaml"))
+                storage.delete_file(run._at(IDENTITY))
+                storage.delete_tree(run.checkpoints)
+            raise
         run.config = config
         return run
+
+    def write_identity(self, config: Config, models: dict[str, Any]) -> None:
+        """``run.json``: the config the run starts with and its models' fingerprints."""
+        payload = {"config": config.to_dict(), "models": models}
+        storage.write_text(self._at(IDENTITY), json.dumps(payload, indent=2))
+
+    def identity(self) -> dict[str, Any] | None:
+        """``run.json`` (None for a run made by a clpd that did not write it); raises
+        :class:`RunDirError` if it is unreadable."""
+        where = self._at(IDENTITY)
+        if not storage.is_file(where):
+            return None
+        try:
+            data = json.loads(storage.read_text(where))
+            if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+                raise ValueError("no 'config' object")
+        except (ValueError, UnicodeDecodeError) as err:
+            raise RunDirError(
+                f"{where} is damaged ({err}): --resume compares the run's config and models with "
+                "it; restore it from a backup, or start a new run"
+            ) from None
+        return data
+
+    def record_resume(self, row: dict[str, Any]) -> None:
+        """A row of ``resumes.jsonl``: one per resume (never rewound)."""
+        self._append("resumes.jsonl", row)
 
     @classmethod
     def open(cls, uri: str | Path) -> RunDir:
@@ -134,8 +184,7 @@ class RunDir:
     def _append(self, name: str, row: dict[str, Any]) -> None:
         line = json.dumps(row) + "\n"
         if not storage.is_s3(self.uri):
-            with open(self._at(name), "a") as f:
-                f.write(line)
+            storage.append_text(self._at(name), line)
             return
         rows = self._rows.setdefault(name, self._read_lines(name))
         rows.append(line)
@@ -218,7 +267,7 @@ class RunDir:
         self._prune()
         return where
 
-    def _manifest_problem(self, where: str) -> tuple[dict[str, Any] | None, str | None]:
+    def manifest_problem(self, where: str) -> tuple[dict[str, Any] | None, str | None]:
         """(manifest, None) for a committed checkpoint, else (None, what is wrong)."""
         try:
             manifest = json.loads(storage.read_text(storage.join(where, MANIFEST)))
@@ -227,6 +276,11 @@ class RunDir:
             return None, f"no {MANIFEST} (it is written last: the checkpoint was never committed)"
         except (ValueError, KeyError, TypeError) as err:
             return None, f"an unreadable {MANIFEST} ({err})"
+        named = _STEP.match(where.rstrip("/").rsplit("/", 1)[-1])
+        if named is None or manifest.get("step") != int(named.group(1)):
+            return None, f"{MANIFEST} is for step {manifest.get('step')!r}, not this directory's"
+        if not isinstance(files, dict) or not all(isinstance(m, dict) for m in files.values()):
+            return None, f"an unreadable {MANIFEST} ('files' is not an object of objects)"
         sizes = storage.file_sizes(where)
         for name in (*STUDENT_FILES, "controller.json"):
             if name not in files:
@@ -239,16 +293,28 @@ class RunDir:
                 )
         return manifest, None
 
+    def _steps(self) -> list[tuple[int, str]]:
+        """(step, location) of every ``step-N`` directory in ``checkpoints/``, oldest first."""
+        found = [(_STEP.match(n), n) for n in storage.list_dir(self.checkpoints)]
+        steps = [(int(m.group(1)), storage.join(self.checkpoints, n)) for m, n in found if m]
+        return sorted(steps)
+
     def _committed(self) -> list[str]:
         """Committed checkpoints, oldest first."""
-        names = [n for n in storage.list_dir(self.checkpoints) if _STEP.match(n)]
-        names.sort(key=lambda n: int(_STEP.match(n).group(1)))  # type: ignore[union-attr]
-        out = []
-        for n in names:
-            where = storage.join(self.checkpoints, n)
-            if self._manifest_problem(where)[1] is None:
-                out.append(where)
-        return out
+        return [w for _, w in self._steps() if self.manifest_problem(w)[1] is None]
+
+    def manifested_checkpoints(self) -> list[str]:
+        """Checkpoint directories with a manifest (committed once, whole or damaged since),
+        newest first: what ``--resume`` verifies (``runtime/verify.py``)."""
+        has = [w for _, w in self._steps() if storage.is_file(storage.join(w, MANIFEST))]
+        return has[::-1]
+
+    def drop_checkpoints_after(self, step: int) -> None:
+        """Remove the checkpoint directories of steps after ``step`` (a resume from ``step``
+        passed over them as damaged; the replay writes them again)."""
+        for n, where in self._steps():
+            if n > step:
+                storage.delete_tree(where)
 
     def latest_checkpoint(self) -> str | None:
         """The newest committed checkpoint (a valid manifest), or None."""
@@ -258,7 +324,7 @@ class RunDir:
     def read_checkpoint(self, uri: str) -> dict[str, Any]:
         """The controller state of checkpoint ``uri``, checked against its manifest; raises
         :class:`RunDirError` naming what is wrong."""
-        manifest, problem = self._manifest_problem(uri)
+        manifest, problem = self.manifest_problem(uri)
         state: Any = None
         if manifest is not None:
             data = storage.read_bytes(storage.join(uri, "controller.json"))

@@ -15,10 +15,17 @@ needed in a process (the driver and every actor):
 Writes are atomic per file: a local file is written to a temporary name, flushed and renamed;
 an S3 object appears whole when its upload completes. There is no append on S3, so callers that
 grow a file (``RunDir``'s jsonl rows) rewrite it whole.
+
+Every failure is a :class:`StorageError` naming the location, the cause and the fix (a full disk,
+a read-only filesystem, a denied permission, an unreachable bucket), and a failed write leaves
+nothing half-written: the temporary file is removed, a failed append is cut back to where it
+started, a partly uploaded file is deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import os
 import posixpath
@@ -31,6 +38,7 @@ import pyarrow.fs as pafs
 from clpd_ray.errors import StorageError
 
 __all__ = [
+    "append_text",
     "delete_tree",
     "download_dir",
     "exists",
@@ -38,9 +46,11 @@ __all__ = [
     "is_s3",
     "join",
     "list_dir",
+    "make_dir",
     "read_bytes",
     "read_text",
     "resolve",
+    "storage_error",
     "upload_dir",
     "write_bytes",
     "write_text",
@@ -100,14 +110,31 @@ def _fs(location: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), location
 
 
-def _fail(what: str, location: str, err: Exception) -> StorageError:
+# What to do about a local OSError, by errno (anything else: check the path and permissions).
+_LOCAL_FIXES = {
+    errno.ENOSPC: "the disk is full: free space there or choose a location on another disk",
+    errno.EDQUOT: "the disk quota is used up: free space there or choose another location",
+    errno.EROFS: "the filesystem is read-only: choose a writable location (or remount it rw)",
+    errno.EACCES: "permission denied: make it writable for this user or choose another location",
+    errno.EPERM: "permission denied: make it writable for this user or choose another location",
+}
+
+
+def storage_error(what: str, location: str, err: Exception) -> StorageError:
+    """The :class:`StorageError` for ``err`` raised while trying to ``what`` ``location``."""
     why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    fix = (
-        "check the bucket name, AWS_ENDPOINT_URL and the AWS credentials"
-        if is_s3(location)
-        else "check the path and its permissions"
-    )
+    if is_s3(location):
+        fix = "check the bucket name, AWS_ENDPOINT_URL and the AWS credentials"
+    else:
+        code = getattr(err, "errno", None)
+        fix = _LOCAL_FIXES.get(code, "check the path and its permissions")  # type: ignore[arg-type]
     return StorageError(f"cannot {what} {location}: {why}; {fix}")
+
+
+def _remove_quietly(path: Path) -> None:
+    """Remove a local file a failed write left (nothing to do if it is absent or cannot go)."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
 
 
 def _info(location: str) -> pafs.FileInfo:
@@ -115,7 +142,7 @@ def _info(location: str) -> pafs.FileInfo:
     try:
         return fs.get_file_info(path)
     except OSError as err:
-        raise _fail("reach", location, err) from None
+        raise storage_error("reach", location, err) from None
 
 
 def exists(location: str) -> bool:
@@ -146,7 +173,7 @@ def read_bytes(location: str) -> bytes:
         with fs.open_input_stream(path) as f:
             return bytes(f.read())
     except (OSError, FileNotFoundError) as err:
-        raise _fail("read", location, err) from None
+        raise storage_error("read", location, err) from None
 
 
 def read_text(location: str) -> str:
@@ -157,24 +184,56 @@ def write_bytes(location: str, data: bytes) -> None:
     """Write ``data`` as a whole: readers see the old content or the new, never a part."""
     if not is_s3(location):
         path = Path(location)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as err:
+            _remove_quietly(tmp)
+            raise storage_error("write", location, err) from None
         return
     fs, path_in = _fs(location)
     try:
         with fs.open_output_stream(path_in) as f:
             f.write(data)
     except OSError as err:
-        raise _fail("write", location, err) from None
+        raise storage_error("write", location, err) from None
 
 
 def write_text(location: str, text: str) -> None:
     write_bytes(location, text.encode())
+
+
+def append_text(location: str, text: str) -> None:
+    """Append ``text`` to the local file ``location`` (created if absent); a failed append is cut
+    back to the file's previous length, so no partial line is left. S3 has no append: callers
+    rewrite the object whole with :func:`write_text`."""
+    assert not is_s3(location), "append_text is for local files"
+    path = Path(location)
+    start = path.stat().st_size if path.is_file() else 0
+    try:
+        with open(path, "a") as f:
+            f.write(text)
+            f.flush()
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.truncate(path, start)
+        raise storage_error("append to", location, err) from None
+
+
+def make_dir(location: str) -> None:
+    """Create a local directory and its parents (nothing to do on S3, where prefixes are
+    implicit)."""
+    if is_s3(location):
+        return
+    try:
+        Path(location).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise storage_error("create", location, err) from None
 
 
 def list_dir(location: str) -> list[str]:
@@ -183,7 +242,7 @@ def list_dir(location: str) -> list[str]:
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except OSError as err:
-        raise _fail("list", location, err) from None
+        raise storage_error("list", location, err) from None
     return sorted(i.base_name for i in infos)
 
 
@@ -193,7 +252,7 @@ def file_sizes(location: str) -> dict[str, int]:
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     except OSError as err:
-        raise _fail("list", location, err) from None
+        raise storage_error("list", location, err) from None
     base = path.rstrip("/") + "/"
     return {
         i.path[len(base) :]: int(i.size)
@@ -212,7 +271,7 @@ def delete_tree(location: str) -> None:
         if fs.get_file_info(path).type != pafs.FileType.NotFound:
             fs.delete_dir(path)
     except OSError as err:
-        raise _fail("delete", location, err) from None
+        raise storage_error("delete", location, err) from None
 
 
 def delete_file(location: str) -> None:
@@ -221,7 +280,7 @@ def delete_file(location: str) -> None:
         if fs.get_file_info(path).type == pafs.FileType.File:
             fs.delete_file(path)
     except OSError as err:
-        raise _fail("delete", location, err) from None
+        raise storage_error("delete", location, err) from None
 
 
 def upload_dir(local_dir: str | Path, location: str, *, last: tuple[str, ...] = ()) -> None:
@@ -232,9 +291,10 @@ def upload_dir(local_dir: str | Path, location: str, *, last: tuple[str, ...] = 
     )
     fs, path = _fs(location)
     for name in sorted(files, key=lambda n: n in last):
-        if not is_s3(location):  # a local filesystem needs the parent directories
-            Path(location, name).parent.mkdir(parents=True, exist_ok=True)
+        dest = join(location, name)
         try:
+            if not is_s3(location):  # a local filesystem needs the parent directories
+                Path(dest).parent.mkdir(parents=True, exist_ok=True)
             pafs.copy_files(
                 str(Path(local_dir, name)),
                 f"{path}/{name}",
@@ -242,7 +302,9 @@ def upload_dir(local_dir: str | Path, location: str, *, last: tuple[str, ...] = 
                 destination_filesystem=fs,
             )
         except OSError as err:
-            raise _fail("upload to", join(location, name), err) from None
+            if not is_s3(location):
+                _remove_quietly(Path(dest))  # a partly copied file (S3: the upload never lands)
+            raise storage_error("upload to", dest, err) from None
 
 
 def download_dir(location: str, local_dir: str | Path) -> Path:
@@ -263,7 +325,7 @@ def download_dir(location: str, local_dir: str | Path) -> Path:
                 destination_filesystem=pafs.LocalFileSystem(),
             )
         except OSError as err:
-            raise _fail("download", join(location, name), err) from None
+            raise storage_error("download", join(location, name), err) from None
     return local
 
 

@@ -59,10 +59,12 @@ __all__ = [
 ]
 
 _PG_TIMEOUT_S = 120
-# Restarts of the student and the scheduler in one run (each one replays from a checkpoint).
-STATEFUL_MAX_RESTARTS = 3
-# Restarts of one teacher instance (a crash or a lost node; its requests are re-run).
-TEACHER_MAX_RESTARTS = 3
+# Restarts of the student and the scheduler in one run (each one replays from a checkpoint);
+# CLPD_STATEFUL_MAX_RESTARTS raises it for soak tests (benchmarks/chaos.py).
+STATEFUL_MAX_RESTARTS = int(os.environ.get("CLPD_STATEFUL_MAX_RESTARTS", "3"))
+# Restarts of one teacher instance (a crash or a lost node; its requests are re-run);
+# CLPD_TEACHER_MAX_RESTARTS raises it for soak tests.
+TEACHER_MAX_RESTARTS = int(os.environ.get("CLPD_TEACHER_MAX_RESTARTS", "3"))
 # New instances of a teacher whose restarts ran out, before the run stops.
 TEACHER_MAX_REPLACEMENTS = 2
 

@@ -1,0 +1,310 @@
+"""SIGTERM and SIGINT stop a run at a step boundary with a checkpoint; no Ray process outlives clpd.
+
+The fast tests check the pieces in-process (the handlers, the CLI's line and exit code, the
+watchdog); the slow ones send real signals to a ``clpd run`` subprocess and resume it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import test_faults
+import torch
+import yaml
+from test_faults import _clean_env, _jsonl, _kill_session, _student
+
+from clpd_ray.runtime import cleanup
+from clpd_ray.runtime.stopping import (
+    Interrupted,
+    RunStopped,
+    handling_stop_signals,
+    stop_requested,
+)
+
+uninterrupted = test_faults.uninterrupted  # its fixture: one baseline per config per session
+CLI = [sys.executable, "-m", "clpd_ray.cli", "run"]
+# 120 steps, a checkpoint every 40: the signal (once step 50 is logged) lands between two.
+SIGNAL_RUN = (
+    "train.total_steps=120",
+    "train.checkpoint_every=40",
+    "scheduler.policy=adaptive",
+    "scheduler.probe_every=10",
+)
+
+
+# ---------------------------------------------------------------------------- fast pieces
+
+
+def test_a_signal_in_training_requests_a_stop_and_a_second_one_stops_at_once():
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    with handling_stop_signals(), handling_stop_signals(armed=True):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)  # the handler runs in the main thread, between bytecodes
+        assert stop_requested() is signal.SIGTERM
+        with pytest.raises(Interrupted) as second:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+        assert second.value.signal is signal.SIGINT
+    assert stop_requested() is None
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_a_stop_that_takes_longer_than_the_grace_period_happens_at_once(monkeypatch):
+    monkeypatch.setenv("CLPD_STOP_GRACE_S", "0.3")
+    with pytest.raises(Interrupted) as err, handling_stop_signals(armed=True):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        assert stop_requested() is signal.SIGTERM
+        for _ in range(50):  # no step boundary comes: the timer interrupts the main thread
+            time.sleep(0.1)
+    assert err.value.signal is signal.SIGTERM
+
+
+def test_a_signal_outside_training_stops_at_once():
+    with pytest.raises(Interrupted) as err, handling_stop_signals():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+    assert err.value.signal is signal.SIGTERM
+
+
+def test_the_cli_prints_one_line_naming_resume_and_exits_128_plus_the_signal(monkeypatch, capsys):
+    from clpd_ray import cli
+
+    def stopped(sig: signal.Signals, at_boundary: bool):
+        def cmd_run(args, config_path):
+            raise RunStopped(sig, 40, "/runs/a", at_boundary=at_boundary)
+
+        return cmd_run
+
+    monkeypatch.setattr(cli, "cmd_run", stopped(signal.SIGTERM, True))
+    assert cli.main(["run", "c.yaml"]) == 143
+    assert capsys.readouterr().err == (
+        "clpd: stopped by SIGTERM at step 40; continue with: clpd run --resume /runs/a\n"
+    )
+    monkeypatch.setattr(cli, "cmd_run", stopped(signal.SIGINT, False))
+    assert cli.main(["run", "--resume", "/runs/a"]) == 130
+    assert capsys.readouterr().err == (
+        "clpd: stopped by SIGINT at once; its last checkpoint is step 40; continue with: "
+        "clpd run --resume /runs/a\n"
+    )
+
+
+def test_the_watchdog_kills_what_holds_the_session_open_once_the_driver_is_gone(tmp_path):
+    """The watchdog of cleanup.py, on a stand-in session directory: a process with a log file
+    open there outlives its driver (the pipe's writer) by at most a few seconds."""
+    session = tmp_path / "session_x"
+    (session / "logs").mkdir(parents=True)
+    log = (session / "logs" / "agent.out").open("w")
+    agent = subprocess.Popen(["sleep", "300"], stdout=log, start_new_session=True)
+    bystander = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    read_end, write_end = os.pipe()
+    watchdog = subprocess.Popen(
+        [sys.executable, "-I", cleanup.__file__, str(session), str(os.getpid())],
+        stdin=read_end,
+        start_new_session=True,
+    )
+    os.close(read_end)
+    log.close()
+    try:
+        assert cleanup.session_processes(str(session)) == [agent.pid]
+        time.sleep(1.0)
+        assert agent.poll() is None, "killed while the driver lives"
+        os.close(write_end)  # the driver exits
+        agent.wait(timeout=10)
+        watchdog.wait(timeout=cleanup.WATCHDOG_WINDOW_S + 10)
+        assert bystander.poll() is None
+    finally:
+        for p in (agent, bystander, watchdog):
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            p.wait()
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """pid -> name of every process below ``root`` (from /proc: ppid links)."""
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    found: dict[int, str] = {}
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        for child, ppid in parent.items():
+            if ppid == pid and child not in found:
+                with contextlib.suppress(OSError):
+                    found[child] = (Path("/proc") / str(child) / "comm").read_text().strip()
+                    todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _ray_processes(proc: subprocess.Popen) -> dict[int, str]:
+    """The Ray processes a ``clpd run`` child started (raylet, gcs_server, their workers ...)."""
+    deadline = time.monotonic() + 30
+    while True:
+        found = _descendants(proc.pid)
+        if {"raylet", "gcs_server"} <= set(found.values()):
+            return found
+        assert time.monotonic() < deadline, f"no raylet/gcs_server below {proc.pid}: {found}"
+        time.sleep(0.2)
+
+
+def assert_gone_soon(pids: dict[int, str], within_s: float = 10.0) -> None:
+    deadline = time.monotonic() + within_s
+    while (left := {p: n for p, n in pids.items() if _alive(p)}) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"still running {within_s:g} s after clpd exited: {left}"
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*CLI, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_clean_env(),
+        cwd=cwd,
+        start_new_session=True,
+    )
+
+
+def _signal_once_logged(proc: subprocess.Popen, out: Path, step: int, sig: signal.Signals):
+    """Send ``sig`` to the clpd process alone once ``step`` is in metrics.jsonl; returns its
+    exit code, stderr and the Ray processes it had started."""
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and any(r["step"] >= step for r in _jsonl(metrics))):
+        if proc.poll() is not None:
+            pytest.fail(f"clpd exited {proc.returncode} early: {proc.communicate()[1][-3000:]}")
+        assert time.monotonic() < deadline, f"step {step} not logged within 240 s"
+        time.sleep(0.05)
+    ray_procs = _ray_processes(proc)
+    os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err, ray_procs
+
+
+def _assert_clean_stop(code: int, err: str, sig: signal.Signals, out: Path) -> int:
+    """Exit 128+sig, the one line naming --resume last, no traceback or Ray crash dump, and a
+    committed checkpoint at the step the line names; returns that step."""
+    assert code == 128 + sig, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    prefix = f"clpd: stopped by {sig.name} at step "
+    assert last.startswith(prefix) and last.endswith(f"; continue with: clpd run --resume {out}")
+    for crash in ("Traceback", "*** SIG", "core_worker.cc", "Aborted", "stack trace"):
+        assert crash not in err, err[-3000:]
+    step = int(last[len(prefix) :].split(";")[0])
+    ckpt = out / "checkpoints" / f"step-{step:07d}"
+    assert (ckpt / "manifest.json").is_file(), sorted(os.listdir(out / "checkpoints"))
+    assert not (out / "summary.json").exists()
+    return step
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sigterm_stops_at_a_step_with_a_checkpoint_and_resume_gives_the_uninterrupted_result(
+    ray_cluster, tiny_config, uninterrupted, tmp_path
+):
+    config = tiny_config(*SIGNAL_RUN)
+    reference = uninterrupted(config)
+    cfg, out = tmp_path / "cfg.yaml", tmp_path / "run"
+    cfg.write_text(yaml.safe_dump(config.to_dict()))
+    proc = _start([str(cfg), "--out", str(out)], tmp_path)
+    try:
+        code, err, ray_procs = _signal_once_logged(proc, out, 50, signal.SIGTERM)
+    finally:
+        _kill_session(proc)
+    step = _assert_clean_stop(code, err, signal.SIGTERM, out)
+    assert 50 <= step < 120
+    assert_gone_soon(ray_procs)
+
+    resumed = _start(["--resume", str(out)], tmp_path)
+    try:
+        _, err = resumed.communicate(timeout=300)
+    finally:
+        _kill_session(resumed)
+    assert resumed.returncode == 0, err[-3000:]
+    assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == step
+    a, b = _student(out), _student(reference)
+    assert [k for k in b if not torch.equal(a[k], b[k])] == []
+    assert _jsonl(out / "decisions.jsonl") == _jsonl(reference / "decisions.jsonl")
+    keys = ("step", "stage", "teacher", "loss", "kd_loss", "ce_loss", "lr")
+    rows = [
+        [{k: m[k] for k in keys} for m in _jsonl(d / "metrics.jsonl")] for d in (out, reference)
+    ]
+    assert rows[0] == rows[1]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sigint_stops_at_a_step_with_a_checkpoint_and_leaves_no_ray_process(tiny_config, tmp_path):
+    cfg, out = tmp_path / "cfg.yaml", tmp_path / "run"
+    cfg.write_text(yaml.safe_dump(tiny_config(*SIGNAL_RUN).to_dict()))
+    proc = _start([str(cfg), "--out", str(out)], tmp_path)
+    try:
+        code, err, ray_procs = _signal_once_logged(proc, out, 10, signal.SIGINT)
+    finally:
+        _kill_session(proc)
+    _assert_clean_stop(code, err, signal.SIGINT, out)
+    assert_gone_soon(ray_procs)
+
+
+_KILLED_DRIVER = """
+import ray
+from clpd_ray.runtime.cleanup import watch_local_ray
+ray.init(address="local", num_cpus=1, include_dashboard=None, log_to_driver=False)
+watch_local_ray()
+@ray.remote
+class A:
+    def ping(self):
+        return 1
+a = A.remote()
+ray.get(a.ping.remote())
+print("ready", flush=True)
+input()
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_sigkilled_driver_leaves_no_ray_process_behind(tmp_path):
+    """Only the driver is killed (as by the OOM killer): the raylet's agents would otherwise
+    linger for about a minute; the watchdog ends them within seconds."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_DRIVER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=_clean_env(),
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        ray_procs = _ray_processes(proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert_gone_soon(ray_procs, within_s=cleanup.WATCHDOG_WINDOW_S)
+    finally:
+        _kill_session(proc)
