@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -102,3 +103,23 @@ def tiny_config(ladder_cache):
         return config_from_dict(apply_overrides(raw, list(overrides)), "tiny test config")
 
     return make
+
+
+_BASELINES: dict[str, Path] = {}
+
+
+@pytest.fixture
+def uninterrupted(ray_cluster, tmp_path_factory):
+    """The run directory of an uninterrupted run of ``config`` (one per config per session,
+    shared by the fault, resume and signal tests that compare their runs with it)."""
+    from clpd_ray.runtime.run import run_distillation
+
+    def get(config) -> Path:
+        key = json.dumps(config.to_dict(), sort_keys=True)
+        if key not in _BASELINES:
+            out = tmp_path_factory.mktemp("uninterrupted") / "run"
+            run_distillation(config, out, progress=False)
+            _BASELINES[key] = out
+        return _BASELINES[key]
+
+    return get

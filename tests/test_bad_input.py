@@ -779,3 +779,18 @@ def test_a_damaged_line_inside_a_results_file_is_named(tmp_path, capsys):
         main(["report", str(copy)]),
         ["results.jsonl: line 4 is not valid JSON", "not the last line", "fix or delete that line"],
     )
+
+
+def test_a_model_that_is_not_a_causal_lm_is_refused_before_any_actor(tmp_path, tiny_config):
+    """A T5 checkpoint as a teacher: exit 2 from the driver's checks, naming the model type."""
+    from transformers import T5Config
+
+    from clpd_ray.errors import ModelLoadError
+    from clpd_ray.runtime.run import check_models
+
+    T5Config(d_model=8, num_layers=1, num_heads=1, d_ff=8, vocab_size=32).save_pretrained(
+        tmp_path / "t5"
+    )
+    ladder = [{"name": "t0", "path": str(tmp_path / "t5")}]
+    with pytest.raises(ModelLoadError, match=r"teachers\.ladder\[t0\]\.path: .* is a 't5' model"):
+        check_models(tiny_config(teachers={"ladder": ladder}))

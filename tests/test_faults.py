@@ -68,25 +68,6 @@ def assert_same_run(run: Path, reference: Path) -> None:
     assert sa["stages"] == sb["stages"] and sa["student"] == sb["student"]
 
 
-_BASELINES: dict[str, Path] = {}
-
-
-@pytest.fixture
-def uninterrupted(ray_cluster, tmp_path_factory):
-    """The run directory of an uninterrupted run of ``config`` (one per config per session)."""
-    from clpd_ray.runtime.run import run_distillation
-
-    def get(config) -> Path:
-        key = json.dumps(config.to_dict(), sort_keys=True)
-        if key not in _BASELINES:
-            out = tmp_path_factory.mktemp("uninterrupted") / "run"
-            run_distillation(config, out, progress=False)
-            _BASELINES[key] = out
-        return _BASELINES[key]
-
-    return get
-
-
 def _pid(handle) -> int:
     import ray
 

@@ -619,33 +619,33 @@ def test_resume_of_a_read_only_run_directory_exits_2_naming_the_path(tmp_path, t
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_resume_past_a_damaged_checkpoint_ends_with_the_uninterrupted_student(
-    ray_cluster, tiny_config, tmp_path, caplog
+    ray_cluster, tiny_config, uninterrupted, tmp_path, caplog
 ):
-    """A driver that died after its checkpoint at step 20, which was then damaged (its manifest
-    rewritten to match): the resume warns, replays from step 10 and ends where a run that never
-    stopped ends. The lock is released and the resume recorded."""
-    from test_faults import assert_same_run
+    """A driver that died after its checkpoint at step 30, which was then damaged (its manifest
+    rewritten to match): the resume warns, replays from step 20 and ends where a run that never
+    stopped ends. The lock is released and the resume recorded. (The uninterrupted run is the
+    one the fault tests share.)"""
+    from test_faults import FAULT_RUN, assert_same_run
 
-    from clpd_ray.runtime.run import resume_distillation, run_distillation
+    from clpd_ray.runtime.run import resume_distillation
 
-    config = tiny_config("train.checkpoint_every=10", "train.keep_checkpoints=3")
-    reference = tmp_path / "reference"
-    run_distillation(config, reference, progress=False)
+    config = tiny_config(*FAULT_RUN)
+    reference = uninterrupted(config)
     assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == [
-        "step-0000010",
         "step-0000020",
+        "step-0000030",
     ]
     run = tmp_path / "run"
     shutil.copytree(reference, run)
     shutil.rmtree(run / "student")  # the driver died before the end
     (run / "summary.json").unlink()
-    _garbage(_ckpt(run, 20) / "student_optim.pt")
-    rehash(_ckpt(run, 20), "student_optim.pt")
+    _garbage(_ckpt(run, 30) / "student_optim.pt")
+    rehash(_ckpt(run, 30), "student_optim.pt")
     with caplog.at_level(logging.WARNING):
         summary = resume_distillation(run, progress=False)
-    assert "step-0000020 cannot be resumed from: student_optim.pt does not load" in caplog.text
-    assert summary["resumed_from_step"] == 10
+    assert "step-0000030 cannot be resumed from: student_optim.pt does not load" in caplog.text
+    assert summary["resumed_from_step"] == 20
     assert_same_run(run, reference)
     assert not (run / LOCK_FILE).exists()
     (row,) = [json.loads(x) for x in (run / "resumes.jsonl").read_text().splitlines()]
-    assert row["from_step"] == 10 and len(row["skipped_checkpoints"]) == 1
+    assert row["from_step"] == 20 and len(row["skipped_checkpoints"]) == 1

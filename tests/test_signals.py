@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import test_faults
 import torch
 import yaml
 from test_faults import _clean_env, _jsonl, _kill_session, _student
@@ -29,7 +28,6 @@ from clpd_ray.runtime.stopping import (
     stop_requested,
 )
 
-uninterrupted = test_faults.uninterrupted  # its fixture: one baseline per config per session
 CLI = [sys.executable, "-m", "clpd_ray.cli", "run"]
 # 120 steps, a checkpoint every 40: the signal (once step 50 is logged) lands between two.
 SIGNAL_RUN = (

@@ -102,6 +102,20 @@ def check_tokenizers(config: Config, workload: Workload) -> None:
         )
 
 
+def _check_causal_lm(key: str, path: str | Path, model_config: Any) -> None:
+    """Distillation needs next-token logits: refuse an encoder-decoder or encoder checkpoint
+    (a T5 directory, say) before any actor tries to load it."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    kind = getattr(model_config, "model_type", None)
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelLoadError(
+            f"{key}: {path} is a {kind!r} model, which AutoModelForCausalLM cannot load: "
+            "teachers and the student must be decoder-only causal LMs (GPT-2, Llama, Qwen, ...); "
+            "give such a checkpoint"
+        )
+
+
 def _check_model(key: str, path: str | Path) -> None:
     """Cheap driver-side check that ``path`` loads: its config, and the headers of its weights."""
     from safetensors import safe_open
@@ -120,12 +134,13 @@ def _check_model(key: str, path: str | Path) -> None:
                 f"{key}: {path} has no config.json, so it is not a saved model; {fix}"
             )
     try:
-        AutoConfig.from_pretrained(str(path))
+        model_config = AutoConfig.from_pretrained(str(path))
     except Exception as err:  # transformers raises OSError, ValueError, ... by case
         why = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ModelLoadError(
             f"{key}: cannot load a model from {path} ({type(err).__name__}: {why}); {fix}"
         ) from None
+    _check_causal_lm(key, path, model_config)
     if not local.is_dir():
         return  # a hub id: transformers checks the rest when the actor loads it
     shards = sorted(local.glob("*.safetensors"))
