@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -454,23 +455,20 @@ def test_lost_node_with_the_run_in_s3_gives_the_uninterrupted_result(
     assert_same_run(storage.download_dir(out, tmp_path / "downloaded"), reference)
 
 
-def _hidden_worker(address: str) -> subprocess.Popen:
-    """``ray start`` for a worker node in its own mount namespace whose /tmp is an empty tmpfs:
-    it sees none of the driver's temporary files (test directories, ladder cache, its models
-    cache), like a node with its own disk. Needs root (``unshare -m``)."""
+def _hidden_worker(address: str, hide: list[Path]) -> subprocess.Popen:
+    """``ray start`` for a worker node in its own mount namespace where each directory of
+    ``hide`` is an empty tmpfs: it sees none of the driver's temporary files (test directories,
+    ladder cache, models cache), like a node with its own disk. Only those directories are
+    hidden, not all of /tmp: the checkout and its virtual environment may live there (CI clones
+    anywhere). Needs root (``unshare -m``)."""
     ray_bin = Path(sys.executable).parent / "ray"
     resources = json.dumps({"teacher_slot": 1})
     start = f"{ray_bin} start --address={address} --num-cpus=1 --resources='{resources}' --block"
+    for d in hide:
+        d.mkdir(parents=True, exist_ok=True)
+    mounts = " && ".join(f"mount -t tmpfs tmpfs {shlex.quote(str(d))}" for d in hide)
     return subprocess.Popen(
-        [
-            "unshare",
-            "-m",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            f"mount -t tmpfs tmpfs /tmp && exec {start}",
-        ],
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", f"{mounts} && exec {start}"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -500,7 +498,12 @@ def _node_loss(cfg: str, out: str) -> None:
             "_system_config": fast_health,
         },
     )
-    hidden = _hidden_worker(cluster.address)
+    # Hide the test session's directories (the config, ladder cache and test dirs are all under
+    # pytest's base temp dir) and the node-local models cache.
+    models_cache = Path(
+        os.environ.get("CLPD_MODEL_CACHE", Path(tempfile.gettempdir()) / "clpd-models")
+    )
+    hidden = _hidden_worker(cluster.address, [Path(cfg).resolve().parents[1], models_cache])
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         deadline = time.monotonic() + 120

@@ -40,7 +40,15 @@ from typing import Any
 from clpd_ray.errors import RunDirError, StorageError
 from clpd_ray.runtime import storage
 
-__all__ = ["HEARTBEAT_S", "LOCK_FILE", "SETTLE_S", "STALE_S", "run_lock"]
+__all__ = [
+    "HEARTBEAT_S",
+    "LOCK_FILE",
+    "SETTLE_S",
+    "STALE_S",
+    "pid_alive",
+    "process_space",
+    "run_lock",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -58,11 +66,11 @@ def _holder() -> dict[str, Any]:
         "started": _iso(now),
         "heartbeat": now,
         "token": uuid.uuid4().hex,
-        "space": _process_space(),
+        "space": process_space(),
     }
 
 
-def _process_space() -> str | None:
+def process_space() -> str | None:
     """This machine's boot and pid namespace: a pid means the same process only within one."""
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
@@ -71,7 +79,7 @@ def _process_space() -> str | None:
         return None
 
 
-def _pid_alive(pid: Any) -> bool:
+def pid_alive(pid: Any) -> bool:
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
@@ -89,8 +97,8 @@ def _stale(holder: dict[str, Any], stale_s: float) -> bool:
         return True
     if age >= stale_s:
         return True
-    here = _process_space()
-    return here is not None and holder.get("space") == here and not _pid_alive(holder.get("pid"))
+    here = process_space()
+    return here is not None and holder.get("space") == here and not pid_alive(holder.get("pid"))
 
 
 def _iso(t: float) -> str:

@@ -168,6 +168,26 @@ def check_models(config: Config) -> None:
         _check_model("student.path", config.student.path)
 
 
+def _checked_inputs(
+    config: Config,
+    resolved: SchedulerPolicy,
+    address: str | None,
+    workload: Workload | None,
+    progress: bool,
+) -> tuple[str | None, Config, Workload]:
+    """The checks a run and a resume share, cheapest first; nothing is written. Returns the
+    cluster address, the config with s3:// model paths fetched for the driver's own checks, and
+    the workload (data, teacher ladder, difficulty scores)."""
+    address = resolve_address(config, address)
+    check_address(address)  # seconds: an unreachable cluster or a refused token fails now
+    local = localise(config)  # s3:// model paths fetched for the driver's checks and workload
+    check_models(local)
+    workload = workload or build_workload(local, progress=progress)
+    check_tokenizers(local, workload)
+    check_stages(config, workload.scores, resolved.name, resolved.curriculum)
+    return address, local, workload
+
+
 def run_distillation(
     config: Config,
     out_dir: str | Path,
@@ -185,13 +205,7 @@ def run_distillation(
     resolved = resolve_run_policy(config, policy)
     check_report_to(config.train.report_to)  # a missing tracker package: before anything is made
     RunDir.check_new(out_dir)  # before the (slow) workload: a taken --out fails at once
-    address = resolve_address(config, address)
-    check_address(address)  # seconds: an unreachable cluster or a refused token fails now
-    local = localise(config)  # s3:// model paths fetched for the driver's checks and workload
-    check_models(local)
-    workload = workload or build_workload(local, progress=progress)
-    check_tokenizers(local, workload)
-    check_stages(config, workload.scores, resolved.name, resolved.curriculum)
+    address, local, workload = _checked_inputs(config, resolved, address, workload, progress)
     placement = connect(config, address)
     models = model_fingerprints(local, [e.path for e in workload.ladder])
     # Locked from creation to the end, however the run ends: a second run with the same --out
@@ -238,13 +252,7 @@ def resume_distillation(
         plan = resume.check_start(run_dir)  # config edits, newest good checkpoint
         resolved = resolve_run_policy(config)
         check_report_to(config.train.report_to)
-        address = resolve_address(config, address)
-        check_address(address)
-        local = localise(config)
-        check_models(local)
-        workload = workload or build_workload(local, progress=progress)
-        check_tokenizers(local, workload)
-        check_stages(config, workload.scores, resolved.name, resolved.curriculum)
+        address, local, workload = _checked_inputs(config, resolved, address, workload, progress)
         resume.check_models(run_dir, plan, local, [e.path for e in workload.ladder])
         placement = connect(config, address)
         resume.commit(run_dir, plan)  # drop damaged newer checkpoints, rewind, resumes.jsonl

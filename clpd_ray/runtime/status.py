@@ -17,7 +17,6 @@ Reporter` stamps on each metrics row; rows without it show no ETA.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import time
@@ -28,7 +27,7 @@ from typing import Any, Literal, TextIO
 
 from clpd_ray.errors import RunDirError, StorageError
 from clpd_ray.runtime import storage
-from clpd_ray.runtime.lock import LOCK_FILE, STALE_S
+from clpd_ray.runtime.lock import LOCK_FILE, STALE_S, pid_alive, process_space
 from clpd_ray.runtime.rundir import RunDir
 
 __all__ = ["RunStatus", "format_status", "read_status", "watch"]
@@ -102,26 +101,6 @@ def _lock_holder(uri: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else {}
 
 
-def _this_machine() -> str | None:
-    """This machine's boot and pid namespace, as lock.py records it in the holder's ``space``:
-    a pid names the same process only within one."""
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
-    except OSError:
-        return None
-
-
-def _pid_alive(pid: Any) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError, TypeError, OverflowError):
-        return True  # another user's process, or a pid we cannot read
-    return True
-
-
 def _state(uri: str, holder: dict[str, Any] | None, now: float) -> tuple[State, str]:
     if holder is None:
         return "interrupted", "no process holds the run directory"
@@ -136,9 +115,9 @@ def _state(uri: str, holder: dict[str, Any] | None, now: float) -> tuple[State, 
             age = float("inf")
         if age >= STALE_S:
             return "interrupted", f"{who} held it; its lock's last heartbeat was {age:.0f} s ago"
-    here = _this_machine()
+    here = process_space()
     if here is not None and holder.get("space") == here:
-        if not _pid_alive(holder.get("pid")):
+        if not pid_alive(holder.get("pid")):
             return "interrupted", f"{who} held it and has exited"
         return "running", f"{who}{since}"
     if storage.is_s3(uri):
