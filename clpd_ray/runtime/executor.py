@@ -193,7 +193,7 @@ class Executor:
             res: StepResult = unwrap(ref)
             for row in self.planner.record(res, time.perf_counter()):
                 self.reporter.metrics({**row, "recoveries": self.recoveries})
-                self._postfix()
+                self._postfix(row)
             self._bar.update(1)
         for step in sorted(s for s in self.eval_refs if s <= upto + 1):
             result = unwrap(self.eval_refs.pop(step))
@@ -353,14 +353,10 @@ class Executor:
             uri = self.run_dir.checkpoint_dir(done)
             self.pending_checkpoints.append((done, student.checkpoint.remote(uri)))
 
-    def _postfix(self) -> None:
-        recent = [r.loss for r in list(self.planner.results.values())[-10:]]
-        cur = self.planner.current
+    def _postfix(self, row: dict[str, Any]) -> None:
+        """Show the latest metrics row: its window's mean loss and its steps' stage and teacher."""
         self._bar.set_postfix(
-            loss=f"{np.mean(recent):.3f}" if recent else "-",
-            stage=cur.stage if cur else 0,
-            teacher=self.planner.names[cur.teacher] if cur else "-",
-            refresh=False,
+            loss=f"{row['loss']:.3f}", stage=row["stage"], teacher=row["teacher"], refresh=False
         )
 
     def _finish(self) -> RunStats:
