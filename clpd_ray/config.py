@@ -95,7 +95,10 @@ class ModelSpec(_Strict):
     """A causal LM: either a path / hub id to load, or a tiny architecture to build."""
 
     path: str | None = None
-    arch: Literal["gpt2", "llama", "qwen2"] = "gpt2"
+    # For a built model (no path): the tokenizer it is sized for, a save_pretrained directory
+    # or hub id (e.g. a Qwen tokenizer); unset = the embedded task's character tokenizer.
+    tokenizer: str | None = None
+    arch: Literal["gpt2", "llama", "qwen2", "qwen3"] = "gpt2"
     n_layer: int = Field(2, ge=1, le=48)
     n_embd: int = Field(64, ge=8, le=8192)
     n_head: int = Field(2, ge=1, le=128)
@@ -127,16 +130,53 @@ class TaskConfig(_Strict):
     eval_size: int = Field(600, ge=10)
 
 
+Preset = Literal["gsm8k", "svamp", "aqua", "strategyqa", "mawps"]
+AnswerType = Literal["number", "choice", "boolean", "text"]
+
+
 class DataConfig(_Strict):
-    """An external dataset loaded with Hugging Face ``datasets`` (overrides the embedded task)."""
+    """An external dataset loaded with Hugging Face ``datasets`` (overrides the embedded task).
+
+    ``preset`` fills the field mapping, CoT-step difficulty and answer extractor of a known
+    dataset (data/presets.py); keys given explicitly override the preset.
+    """
 
     path: str | None = None
+    preset: Preset | None = None
+    # Evaluation only; unset: eval_fraction of data.path is held out for evaluation.
     eval_path: str | None = None
     eval_fraction: float = Field(0.1, gt=0, lt=1)
+    # Training-side rows held out for the scheduler's probes (never trained on, never evaluated).
+    probe_rows: int = Field(200, ge=1)
+    # Use at most this many training / evaluation rows (first rows after loading); unset = all.
+    max_train_rows: int | None = Field(None, ge=2)
+    max_eval_rows: int | None = Field(None, ge=1)
     prompt_field: str = "question"
     cot_field: str = "answer"
     answer_field: str | None = None
     cot_steps: Literal["lines", "calc"] = "lines"
+    # How a final answer is read and compared: numbers (commas, $, %, .0 normalised),
+    # choice letters (A-E), booleans (yes/no/true/false) or exact text. \boxed{} is always read.
+    answer_type: AnswerType = "number"
+    # With no '#### N' or \boxed{} answer, take the last number in the text (only if the preset
+    # or the user says so: it rewards chains that merely mention the answer).
+    last_number_fallback: bool = False
+    # Format question and chain of thought with the tokenizer's chat template (user turn /
+    # assistant turn, loss on assistant tokens only); off: "Question: ...\nAnswer: " text.
+    chat_template: bool = False
+    system_prompt: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict) or raw.get("preset") is None:
+            return raw
+        from clpd_ray.data.presets import PRESETS
+
+        preset = PRESETS.get(raw["preset"])
+        if preset is None:
+            return raw  # the Literal check reports the allowed names
+        return {**preset, **raw}  # explicit keys override the preset
 
 
 class TeachersConfig(_Strict):
@@ -154,12 +194,21 @@ class TeachersConfig(_Strict):
     cache_dir: str | None = None
     top_k: int = Field(16, ge=1)
     resident: Literal["all", "needed"] = "all"
+    # Weights of loaded teachers (built ones are float32). "auto": as the checkpoint stores them.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    # Rows per teacher forward pass; the top-k is taken chunk by chunk, so the full-vocabulary
+    # logits exist for one micro-batch only.
+    micro_batch: int = Field(8, ge=1)
+    # Precision of the top-k log-probabilities sent to the student (ids are int32).
+    target_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
 
 
 class StudentConfig(ModelSpec):
     lr: float = Field(3e-3, gt=0, le=1.0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(20, ge=0)
+    # Recompute activations in the backward pass (less memory, ~30% more compute).
+    gradient_checkpointing: bool = False
 
 
 class DistillConfig(_Strict):
@@ -171,6 +220,17 @@ class DistillConfig(_Strict):
     scale_by_t2: bool = False
     ce_weight: float = Field(0.0, ge=0)
     tail: TailMode = "renormalise"
+    # Loss positions per chunk of the student's vocabulary projection: the (positions x vocab)
+    # fp32 tensor exists for one chunk at a time, never for the whole batch.
+    loss_chunk: int = Field(1024, ge=1)
+    # Sequence-level KD: the teacher's chain of thought is generated, then re-tokenized with the
+    # student's tokenizer (works across tokenizer families).
+    max_new_tokens: int | None = Field(None, ge=1)  # unset: longest reference CoT + 2
+    decoding: Literal["greedy", "sample"] = "greedy"
+    sample_temperature: float = Field(1.0, gt=0, le=10)
+    # Keep only generated chains whose extracted answer equals the gold answer.
+    verify: bool = False
+    on_reject: Literal["gold", "skip"] = "gold"  # a rejected chain: train on the gold CoT, or skip
 
 
 class CurriculumConfig(_Strict):
@@ -205,6 +265,15 @@ class TrainConfig(_Strict):
     total_steps: int = Field(600, ge=1)
     batch_size: int = Field(32, ge=1)
     prefetch: int = Field(4, ge=1, le=64)
+    # Micro-batches per optimizer step (batch_size must divide evenly): the same update as one
+    # batch of batch_size, with the memory of one micro-batch.
+    grad_accum: int = Field(1, ge=1)
+    # Longest example in tokens (prompt + target + eos); unset = the student's max positions.
+    max_length: int | None = Field(None, ge=8)
+    overlong: Literal["truncate", "drop"] = "truncate"  # what happens to longer examples
+    # Autocast precision of the student's forward/backward; master weights and optimizer state
+    # stay float32 (fp16 adds a gradient scaler).
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0)
     checkpoint_every: int = Field(200, ge=0)
@@ -273,10 +342,22 @@ class Config(_Strict):
                 )
             if any(b >= a for b, a in itertools.pairwise(bounds)):
                 raise ValueError(f"curriculum.boundaries must be strictly increasing, got {bounds}")
+        t = self.train
+        if t.batch_size % t.grad_accum:
+            raise ValueError(
+                f"train.batch_size={t.batch_size} is not a multiple of train.grad_accum="
+                f"{t.grad_accum}; each optimizer step splits the batch into grad_accum equal "
+                f"micro-batches, so pick e.g. grad_accum={_divisor_near(t.batch_size, t.grad_accum)}"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def _divisor_near(n: int, k: int) -> int:
+    """The divisor of ``n`` closest to ``k`` (a valid train.grad_accum to suggest)."""
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - k), d))
 
 
 def default_cache_dir(config: Config | None = None) -> Path:
