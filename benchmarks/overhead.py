@@ -11,8 +11,8 @@ never waits) and the ratio pipeline / in-process.
 
 ``--probes`` runs the pipeline twice with the adaptive policy, once with probes off and once at
 the config's probe interval (the demo's: every 50 steps), and prints both efficiencies: probes
-run in the scheduler's own concurrency group on a weight snapshot, so they should cost the
-student almost nothing.
+run in the student actor's own concurrency group on a device-local weight snapshot, so they
+should cost the student almost nothing.
 """
 
 from __future__ import annotations

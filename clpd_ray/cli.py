@@ -1,4 +1,4 @@
-"""The ``clpd`` command line: demo, run, validate, ladder, ablate, report, status.
+"""The ``clpd`` command line: demo, run, validate, ladder, ablate, report, status, dashboard.
 
 Exit codes: 0 success, 2 bad input (config, data, arguments, policy) with one message naming the
 cause and the fix and no traceback, 1 internal error (with traceback), 130 stopped by SIGINT
@@ -110,13 +110,47 @@ def cmd_run(args: argparse.Namespace, config_path: str | Path | None) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from clpd_ray.runtime.run import resolve_run_policy
+    """Schema, policy, then the deep checks (runtime/preflight.py): data files load and map,
+    model paths hold a causal LM config and a tokenizer (no weights read), tokenizers agree for
+    token-level KD, and every model reads the training length. The first failure exits 2."""
+    import datasets
+
+    from clpd_ray.data.prompt_format import PromptFormat
+    from clpd_ray.runtime import preflight
+    from clpd_ray.runtime.run import check_tokenizers, resolve_run_policy
+    from clpd_ray.workload import load_data
 
     config = _load(args.config, args.set or [], False)
     policy = resolve_run_policy(config)
+    datasets.disable_progress_bars()  # one report, not a progress bar per file
+    train, held_out, probe, _ = load_data(config)
+    # Token-level KD: check_tokenizers below loads every model's tokenizer anyway.
+    infos = preflight.inspect_models(config, load_tokenizers=config.distill.objective != "token")
+    tokenizer = preflight.shared_tokenizer(config)
+    PromptFormat.from_config(config).check(tokenizer, "the run's tokenizer")  # chat_template
+    check_tokenizers(config)  # token-level KD: one token map for every teacher and the student
+    preflight.check_rows(infos, tokenizer)
+    length, source = preflight.training_length(config, tokenizer, train + probe)
+    preflight.check_lengths(infos, length, source)
     print(
-        f"{args.config}: valid ({len(config.teachers.ladder)} teachers, {config.curriculum.num_stages} stages, policy {policy.name})"
+        f"{args.config}: valid ({len(config.teachers.ladder)} teachers, "
+        f"{config.curriculum.num_stages} stages, policy {policy.name})"
     )
+    data = config.data.path or "the embedded task"
+    print(
+        f"  data: {data}: {len(train):,} train, {len(held_out):,} eval, {len(probe):,} probe rows"
+    )
+    for m in infos:
+        where = m.tokenizer_source if m.key.endswith(".path") else "built"
+        rows = f"{m.rows:,} rows" if m.rows else "a row per token"
+        print(f"  {m.name}: {where}, {m.max_positions or '?'} positions, {rows}")
+    kd = (
+        "one token map (token-level KD)"
+        if config.distill.objective == "token"
+        else "sequence-level KD"
+    )
+    print(f"  tokenizer: {len(tokenizer):,} tokens, {kd}")
+    print(f"  length: {length} tokens, from {source}: fits every model")
     return 0
 
 
@@ -181,6 +215,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise ClpdError(f"--watch {args.watch:g}: give a refresh period in seconds > 0, e.g. 5")
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a watch ends: not an error
         watch(args.run_dir, args.watch)
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from clpd_ray.runtime.dashboard import install
+
+    path = install(args.session)
+    print(
+        f"wrote {path}: Grafana started with {path.parents[1] / 'grafana.ini'} lists it as "
+        "'CLPD distillation' in the Ray folder (docs/observability.md)"
+    )
     return 0
 
 
@@ -358,6 +403,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="refresh every SECONDS (default 5) until the run is no longer running, or Ctrl-C",
     )
+    db = command(
+        "dashboard",
+        "install the clpd Grafana dashboard into a Ray session's Grafana provisioning folder",
+        "clpd dashboard install",
+        "clpd dashboard install --session /tmp/ray/session_latest",
+    )
+    db.add_argument(
+        "action", choices=["install"], help="install: write the dashboard JSON (the only action)"
+    )
+    db.add_argument(
+        "--session",
+        metavar="DIR",
+        help="the Ray session directory whose metrics/grafana/dashboards/ gets it (default: "
+        "/tmp/ray/session_latest, the latest local session; a `ray start --temp-dir` dir works)",
+    )
     return p
 
 
@@ -389,6 +449,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return cmd_report(args)
         if args.command == "status":
             return cmd_status(args)
+        if args.command == "dashboard":
+            return cmd_dashboard(args)
         return cmd_ladder(args)
     except ClpdError as err:
         print(f"clpd: error: {err}", file=sys.stderr)

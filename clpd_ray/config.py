@@ -99,6 +99,9 @@ class ModelSpec(_Strict):
     # or hub id (e.g. a Qwen tokenizer); unset = the embedded task's character tokenizer.
     tokenizer: str | None = None
     arch: Literal["gpt2", "llama", "qwen2", "qwen3"] = "gpt2"
+    # Embedding rows of a built model; unset = the tokenizer's length. Qwen checkpoints pad their
+    # 151,669 tokens to 151,936 rows (7B: 152,064); logits are sliced to the tokenizer anyway.
+    vocab_size: int | None = Field(None, ge=2)
     n_layer: int = Field(2, ge=1, le=48)
     n_embd: int = Field(64, ge=8, le=8192)
     n_head: int = Field(2, ge=1, le=128)
@@ -141,6 +144,8 @@ class DataConfig(_Strict):
     dataset (data/presets.py); keys given explicitly override the preset.
     """
 
+    # A .json/.jsonl/.parquet file, a save_to_disk directory, or a sample shipped in the package:
+    # "sample:gsm8k/train.jsonl" (and "sample:gsm8k/test.jsonl" for eval_path).
     path: str | None = None
     preset: Preset | None = None
     # Evaluation only; unset: eval_fraction of data.path is held out for evaluation.
@@ -152,31 +157,52 @@ class DataConfig(_Strict):
     max_train_rows: int | None = Field(None, ge=2)
     max_eval_rows: int | None = Field(None, ge=1)
     prompt_field: str = "question"
+    # A prompt built from several fields, e.g. "{Body} {Question}" (list fields are joined by
+    # spaces); set, it replaces prompt_field.
+    prompt_template: str | None = None
     cot_field: str = "answer"
     answer_field: str | None = None
-    cot_steps: Literal["lines", "calc"] = "lines"
+    # Reasoning steps of a CoT: its lines, GSM8K <<calc>> annotations, or an equation's operators.
+    cot_steps: Literal["lines", "calc", "ops"] = "lines"
     # How a final answer is read and compared: numbers (commas, $, %, .0 normalised),
     # choice letters (A-E), booleans (yes/no/true/false) or exact text. \boxed{} is always read.
     answer_type: AnswerType = "number"
-    # With no '#### N' or \boxed{} answer, take the last number in the text (only if the preset
-    # or the user says so: it rewards chains that merely mention the answer).
+    # With no '#### N' or \boxed{} answer, take the last answer-like token of the text: the last
+    # number (choices: the last "(C)" / "C)"; booleans: the last yes/no). Only if the preset or the
+    # user says so: it rewards chains that merely mention the answer.
     last_number_fallback: bool = False
     # Format question and chain of thought with the tokenizer's chat template (user turn /
-    # assistant turn, loss on assistant tokens only); off: "Question: ...\nAnswer: " text.
+    # assistant turn, loss on assistant tokens only; Qwen3's thinking is switched off); off: the
+    # plain "Question: ...\nAnswer: ..." text.
     chat_template: bool = False
-    system_prompt: str | None = None
+    system_prompt: str | None = None  # chat format only: a system turn before the question
 
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, raw: Any) -> Any:
-        if not isinstance(raw, dict) or raw.get("preset") is None:
-            return raw
-        from clpd_ray.data.presets import PRESETS
+        from clpd_ray.data.presets import apply_preset
 
-        preset = PRESETS.get(raw["preset"])
-        if preset is None:
-            return raw  # the Literal check reports the allowed names
-        return {**preset, **raw}  # explicit keys override the preset
+        return apply_preset(raw)  # explicit keys override the preset
+
+    @model_validator(mode="after")
+    def _system_prompt_needs_chat(self) -> DataConfig:
+        if self.system_prompt is not None and not self.chat_template:
+            raise ValueError(
+                "data.system_prompt is set but data.chat_template is false: the plain format has "
+                "no system turn, so it would be ignored; set data.chat_template: true or drop "
+                "data.system_prompt"
+            )
+        return self
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_names_fields(cls, template: str | None) -> str | None:
+        if template is None:
+            return None
+        from clpd_ray.data.presets import template_fields
+
+        template_fields(template)  # ValueError with the fix if it is malformed
+        return template
 
 
 class TeachersConfig(_Strict):
@@ -223,14 +249,17 @@ class DistillConfig(_Strict):
     # Loss positions per chunk of the student's vocabulary projection: the (positions x vocab)
     # fp32 tensor exists for one chunk at a time, never for the whole batch.
     loss_chunk: int = Field(1024, ge=1)
-    # Sequence-level KD: the teacher's chain of thought is generated, then re-tokenized with the
-    # student's tokenizer (works across tokenizer families).
-    max_new_tokens: int | None = Field(None, ge=1)  # unset: longest reference CoT + 2
-    decoding: Literal["greedy", "sample"] = "greedy"
+    # Sequence-level KD (distill/sequence.py): the teacher's chain of thought is generated, then
+    # re-tokenized with the student's tokenizer (works across tokenizer families).
+    # Unset: the longest held-out reference answer + 1, counted in each teacher's own tokens.
+    max_new_tokens: int | None = Field(None, ge=1)
+    decoding: Literal["greedy", "sample"] = "greedy"  # sample: seeded by (seed, step)
     sample_temperature: float = Field(1.0, gt=0, le=10)
     # Keep only generated chains whose extracted answer equals the gold answer.
     verify: bool = False
-    on_reject: Literal["gold", "skip"] = "gold"  # a rejected chain: train on the gold CoT, or skip
+    # A rejected chain: train on the gold CoT, or skip the row (a step with no row left trains on
+    # the gold CoTs).
+    on_reject: Literal["gold", "skip"] = "gold"
 
 
 class CurriculumConfig(_Strict):

@@ -167,7 +167,10 @@ def inputs(tmp_path_factory):
     task_model = build_model(ModelSpec(n_layer=1, n_embd=16, n_head=2), task_tok)
     task_model.save_pretrained(root / "task_vocab")
     task_tok.save_pretrained(root / "task_vocab")
-    one_step = [{"question": f"{i}+1?", "answer": f"{i}+1={i + 1}\n#### {i + 1}"} for i in range(8)]
+    # 12 rows: 6 held out for evaluation, 3 for probes, 3 to train on.
+    one_step = [
+        {"question": f"{i}+1?", "answer": f"{i}+1={i + 1}\n#### {i + 1}"} for i in range(12)
+    ]
     (root / "one_step.jsonl").write_text("".join(json.dumps(r) + "\n" for r in one_step))
     (root / "four_rows.jsonl").write_text(
         "".join(
@@ -300,13 +303,14 @@ CASES = {
     ),
     "dataset_too_small_for_stages": (
         _external_data("four_rows.jsonl"),
-        ["four_rows.jsonl", "2 examples cannot fill 3 curriculum stages", "at most 2 stages"],
+        # 2 rows held out for evaluation, 1 for probes (data.probe_rows, at most half): 1 left.
+        ["four_rows.jsonl", "1 examples cannot fill 3 curriculum stages", "at most 1 stages"],
     ),
     "all_rows_same_difficulty": (
         _external_data("one_step.jsonl"),
         [
             "one_step.jsonl",
-            "4 training examples have 1 distinct difficulty score(s) (1;",
+            "3 training examples have 1 distinct difficulty score(s) (1;",
             "num_stages=3",
             "policy 'clpd'",
             "another curriculum.scorer",
@@ -531,8 +535,6 @@ def test_a_policy_that_raises_is_named(tiny_config, tmp_path, capsys, monkeypatc
         num_stages=3,
         teacher_names=["t0", "t1", "t2"],
         total_steps=10,
-        student_spec=tiny_config().student,
-        tokenizer_dir=tmp_path / "tok",
     )
     obs = Observation(
         step=3, total_steps=10, stage=0, num_stages=3, teacher=0, num_teachers=3, steps_in_stage=3
@@ -579,8 +581,6 @@ def _scheduler(policy: str, tiny_config, tmp_path: Path, kwargs: dict | None = N
         num_stages=3,
         teacher_names=["t0", "t1", "t2"],
         total_steps=10,
-        student_spec=tiny_config().student,
-        tokenizer_dir=tmp_path / "tok",
     )
 
 

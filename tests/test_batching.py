@@ -128,3 +128,73 @@ def test_encode_prompts_empty_prompt_is_all_padding():
     ids, attn = encode_prompts(TOK, ["", "12"])
     assert ids.tolist() == [[PAD, PAD], _ids("12")]
     assert attn.tolist() == [[0, 0], [1, 1]]
+
+
+# --- overlong rows ----------------------------------------------------------------------------------
+
+
+def test_overlong_drop_leaves_rows_out_and_says_which():
+    from clpd_ray.data.prompt_format import PromptFormat
+
+    # 13, 29 and 21 tokens: at max_length=21 the second row does not fit.
+    enc = encode_examples(TOK, EXAMPLES, max_length=21, fmt=PromptFormat(), overlong="drop")
+    assert enc.kept.tolist() == [0, 2]
+    assert (
+        enc.input_ids.tolist()
+        == encode_examples(TOK, [EXAMPLES[0], EXAMPLES[2]]).input_ids.tolist()
+    )
+    assert encode_examples(TOK, EXAMPLES).kept.tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="overlong"):
+        encode_examples(TOK, EXAMPLES, overlong="cut")
+
+
+def test_fit_examples_truncates_targets_to_fit_and_counts():
+    from clpd_ray.data.batching import fit_examples, tokenize_rows
+
+    lengths = [len(ids) for ids, _ in tokenize_rows(TOK, EXAMPLES)]
+    assert lengths == [13, 29, 21]
+    fitted, stats = fit_examples(TOK, EXAMPLES, 16, overlong="truncate")
+    assert (stats.truncated, stats.dropped, stats.longest) == (2, 0, 29)
+    assert [len(ids) for ids, _ in tokenize_rows(TOK, fitted)] == [13, 16, 16]
+    e = EXAMPLES[1]  # prompt 8 tokens: 7 target characters and the eos fit
+    assert fitted[1] == Example(e.prompt, e.target[:7], e.answer, e.steps)
+    assert fitted[0] is EXAMPLES[0]
+
+
+def test_fit_examples_drop_and_prompts_that_cannot_fit():
+    from clpd_ray.data.batching import fit_examples
+
+    fitted, stats = fit_examples(TOK, EXAMPLES, 16, overlong="drop")
+    assert fitted == [EXAMPLES[0]] and (stats.truncated, stats.dropped) == (0, 2)
+    # A prompt of 8 tokens and the eos leave no room for a target token at 9: dropped either way.
+    fitted, stats = fit_examples(TOK, EXAMPLES, 9, overlong="truncate")
+    assert [len(e.target) for e in fitted] == [4, 2] and (stats.truncated, stats.dropped) == (2, 1)
+    same, stats = fit_examples(TOK, EXAMPLES, None)
+    assert same == EXAMPLES and (stats.truncated, stats.dropped, stats.longest) == (0, 0, None)
+
+
+def test_fit_examples_on_real_text_keeps_every_row_within_the_limit():
+    from pathlib import Path
+
+    from clpd_ray.data.batching import fit_examples, tokenize_rows
+    from clpd_ray.data.loaders import load_examples
+    from clpd_ray.data.prompt_format import PromptFormat
+    from clpd_ray.data.tokenizer import load_tokenizer
+
+    qwen3 = Path(__file__).resolve().parents[1].parent / "shared" / "tokenizers" / "qwen3"
+    if not (qwen3 / "tokenizer.json").is_file():
+        pytest.skip("the Qwen3 tokenizer is not in ../shared")
+    tok = load_tokenizer(qwen3)
+    for chat in (False, True):
+        fmt = PromptFormat(chat_template=chat)
+        examples = load_examples(
+            "sample:gsm8k/test.jsonl", prompt_field="question", cot_field="answer", chat=chat
+        )[:120]
+        fitted, stats = fit_examples(tok, examples, 160, fmt)
+        rows = tokenize_rows(tok, fitted, fmt)
+        assert max(len(ids) for ids, _ in rows) <= 160
+        assert stats.truncated > 0 and len(fitted) + stats.dropped == len(examples)
+        assert all(ids[-1] in fmt.stop_token_ids(tok) for ids, _ in rows)  # each ends its turn
+        # Each cut target is a prefix of its original.
+        originals = {e.prompt: e.target for e in examples}
+        assert all(originals[e.prompt].startswith(e.target) for e in fitted)

@@ -100,7 +100,7 @@ def test_run_with_a_user_policy_from_outside_the_package(
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_probe_reading_policy_completes_a_run(ray_cluster, tmp_path, tiny_config):
-    """The probe path through Ray (probes in the scheduler's own concurrency group). Every
+    """The probe path through Ray (probes in the student's own concurrency group). Every
     built-in policy is driven through the planner in tests/test_planner.py, without Ray."""
     from clpd_ray.runtime.run import run_distillation
 

@@ -137,12 +137,8 @@ def test_student_restore_continues_bit_for_bit(tmp_path, tiny_config):
 
 def test_scheduler_state_round_trip_gives_the_same_decisions(tmp_path, tiny_config):
     """A restarted scheduler loaded with the saved policy state decides as the original would."""
-    from clpd_ray.data.tokenizer import build_char_tokenizer
     from clpd_ray.messages import Observation, ProbeResult
     from clpd_ray.runtime.actors.scheduler import SchedulerService
-
-    config = tiny_config()
-    build_char_tokenizer().save_pretrained(tmp_path / "tok")
 
     def service():
         return SchedulerService(
@@ -151,8 +147,6 @@ def test_scheduler_state_round_trip_gives_the_same_decisions(tmp_path, tiny_conf
             num_stages=3,
             teacher_names=["t0", "t1", "t2"],
             total_steps=40,
-            student_spec=config.student,
-            tokenizer_dir=tmp_path / "tok",
         )
 
     def obs(j: int, loss: float) -> Observation:

@@ -6,13 +6,17 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import clpd_ray.distill.ladder as ladder_mod
-from clpd_ray.config import Config
+from clpd_ray.config import Config, TeacherSpec
+from clpd_ray.data.batching import encode_examples
 from clpd_ray.data.task import generate_examples
 from clpd_ray.data.tokenizer import build_char_tokenizer, load_tokenizer
+from clpd_ray.distill.chunked import output_head
 from clpd_ray.distill.ladder import LadderEntry, accuracy_table, ensure_ladder, teacher_cache_key
-from clpd_ray.distill.models import count_parameters, load_causal_lm
+from clpd_ray.distill.models import build_model, count_parameters, load_causal_lm
+from clpd_ray.distill.training import to_torch
 from clpd_ray.errors import ConfigError
 
 MAX_DIFFICULTY = 3
@@ -169,12 +173,95 @@ def test_existing_teacher_path_is_used_as_is(tmp_path, tok, data, monkeypatch):
     assert entry.accuracy["accuracy"] == trained.accuracy["accuracy"]
 
 
-def test_external_data_needs_teacher_paths(tmp_path, tok, data):
+def test_external_data_trains_built_teachers_keyed_by_the_data(tmp_path, tok, data, monkeypatch):
     cfg = Config.model_validate(
         {**_config(tmp_path).to_dict(), "data": {"path": str(tmp_path / "d.jsonl")}}
     )
-    with pytest.raises(ConfigError, match=r"data\.path"):
-        _ensure(cfg, tok, data)
+    train, held_out = data
+    trained = _count_training(monkeypatch)
+    entries = _ensure(cfg, tok, data)
+    assert trained == ["t-a", "t-b"]
+    assert all((e.path / "model.safetensors").is_file() for e in entries)
+    spec = cfg.teachers.ladder[0]
+    key = teacher_cache_key(cfg, spec, (train, held_out, tok))
+    assert entries[0].path.name == f"t-a-{key}"
+    # The key covers the examples, the held-out set, the tokenizer and the training length.
+    assert teacher_cache_key(cfg, spec, (train[1:], held_out, tok)) != key
+    assert teacher_cache_key(cfg, spec, (train, held_out[1:], tok)) != key
+    other_tok = build_char_tokenizer("0123456789+-*=?;#")
+    assert teacher_cache_key(cfg, spec, (train, held_out, other_tok)) != key
+    shorter = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_length": 40})})
+    assert teacher_cache_key(shorter, spec, (train, held_out, tok)) != key
+    with pytest.raises(ValueError, match="external data"):
+        teacher_cache_key(cfg, spec)
+    _forbid_training(monkeypatch)
+    assert _ensure(cfg, tok, data) == entries  # cached
+
+
+def test_embedded_cache_keys_ignore_unset_new_keys(tmp_path):
+    """Keys added to ModelSpec later (tokenizer, vocab_size) enter the key only when set, so
+    caches made before them stay valid."""
+    cfg = _config(tmp_path)
+    spec = cfg.teachers.ladder[0]
+    assert teacher_cache_key(cfg, spec) == teacher_cache_key(
+        cfg, spec.model_copy(update={"tokenizer": None, "vocab_size": None})
+    )
+    assert teacher_cache_key(cfg, spec.model_copy(update={"vocab_size": 64})) != (
+        teacher_cache_key(cfg, spec)
+    )
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_chunked_lm_loss_equals_the_dense_loss(tok, data, monkeypatch, chunk):
+    """The chunked loss (loss positions only, the head a chunk at a time, padded rows sliced
+    off) against F.cross_entropy on the full logits: same value, same gradients."""
+    spec = TeacherSpec(name="x", arch="qwen3", n_layer=1, n_embd=16, n_head=2, vocab_size=40)
+    model = build_model(spec, tok, seed=3)
+    batch = to_torch(encode_examples(tok, data[0][:5]))
+    vocab = len(tok)
+
+    def reference() -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = torch.roll(batch["input_ids"], -1, 1)
+        m = batch["loss_mask"]
+        return torch.nn.functional.cross_entropy(logits[m][:, :vocab].float(), labels[m])
+
+    want = reference()
+    want.backward()
+    want_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    monkeypatch.setattr(ladder_mod, "_DENSE_LOGITS", 0)  # force the chunked path
+    monkeypatch.setattr(ladder_mod, "LOSS_CHUNK", chunk)
+    got = ladder_mod._lm_loss(model, batch, vocab, split=output_head(model))
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g, w in zip([p.grad for p in model.parameters()], want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    total = ladder_mod._lm_loss(model, batch, vocab, split=output_head(model), reduction="sum")
+    torch.testing.assert_close(total / int(batch["loss_mask"].sum()), want, rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_given_by_path_is_scored_once(tmp_path, tok, data, monkeypatch):
+    trained = _ensure(_config(tmp_path / "cache", teachers=TEACHERS[:1]), tok, data)[0]
+    ext = tmp_path / "ext"
+    load_causal_lm(trained.path).save_pretrained(ext)
+    tok.save_pretrained(ext)  # a user's checkpoint: no accuracy.json
+    cfg = _config(tmp_path / "cache2", teachers=[{"name": "ext", "path": str(ext)}])
+    (entry,) = _ensure(cfg, tok, data)
+    assert entry.parameters == trained.parameters == count_parameters(load_causal_lm(ext))
+    # The same weights on the same held-out set: the same score as when it was trained.
+    assert entry.accuracy["accuracy"] == trained.accuracy["accuracy"]
+    assert entry.accuracy["by_difficulty"] == trained.accuracy["by_difficulty"]
+    assert list((tmp_path / "cache2" / "teachers" / "scores").glob("ext-*.json"))
+    assert not (ext / "accuracy.json").exists()  # the user's directory is left alone
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a scored teacher was loaded again")
+
+    monkeypatch.setattr(ladder_mod, "load_causal_lm", boom)
+    assert _ensure(cfg, tok, data) == [entry]
+    unscored = ensure_ladder(cfg, tok, data[0], data[1][1:], progress=False, score_paths=False)
+    assert unscored[0].accuracy is None  # a new held-out set, scoring off: nothing to show
 
 
 def test_accuracy_table_renders_rows():
@@ -193,3 +280,14 @@ def test_accuracy_table_renders_rows():
     assert lines[4].startswith("| ext | ? | n/a |")
     assert {line.count("|") for line in lines} == {7}
     assert len(lines) == 5
+
+
+def test_accuracy_table_shows_held_out_loss_when_reported():
+    entries = [
+        LadderEntry("t-a", Path("a"), {"accuracy": 0.0, "by_difficulty": {2: 0.0}, "loss": 7.5}, 9),
+        LadderEntry("ext", Path("b"), {"accuracy": 0.25, "by_difficulty": {2: 0.25}}, None),
+    ]
+    lines = accuracy_table(entries).splitlines()
+    assert lines[0] == "| teacher | params | all | loss | k=2 |"
+    assert lines[2] == "| t-a | 9 | 0.00 | 7.500 | 0.00 |"
+    assert lines[3] == "| ext | ? | 0.25 | - | 0.25 |"

@@ -11,7 +11,15 @@ import torch.nn.functional as F
 from scipy.special import log_softmax, rel_entr, softmax
 
 from clpd_ray.config import DistillConfig
-from clpd_ray.distill.losses import hard_ce_loss, kd_loss, sparse_kd_loss, topk_targets
+from clpd_ray.distill.losses import (
+    hard_ce_loss,
+    hard_ce_loss_flat,
+    kd_loss,
+    kd_loss_flat,
+    sparse_kd_loss,
+    sparse_kd_loss_flat,
+    topk_targets,
+)
 
 KINDS = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
 TAILS = ("renormalise", "zero", "tail_bucket")
@@ -353,6 +361,77 @@ def test_sparse_ids_out_of_vocab_raise():
 
 
 # ----------------------------------------------------------------------------------------------
+# Flat forms: (N, ...) rows at the scored positions (compact targets, chunked student loss)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_flat_forms_match_reference(kind, tail, reduction):
+    student, teacher, mask, labels = make_case(KINDS.index(kind) + 30)
+    kw = {"beta": 0.4, "alpha": 0.3, "temperature": 1.5}
+    lp, ids = ref_topk(teacher, 4, 1.5)
+    n = int(mask.sum())
+    scale = n if reduction == "sum" else 1
+    s = torch.tensor(student[mask], requires_grad=True)  # (N, V)
+    sparse = sparse_kd_loss_flat(s, lp[mask], ids[mask], kind, tail=tail, reduction=reduction, **kw)
+    expected = ref_sparse(student, lp, ids, mask, kind, tail, **kw) * scale
+    torch.testing.assert_close(sparse.item(), expected, rtol=1e-5, atol=1e-5)
+    # Same value and gradient as the masked (B, T, V) form.
+    s3 = torch.tensor(student, requires_grad=True)
+    masked = sparse_kd_loss(s3, lp, ids, mask, kind, tail=tail, reduction=reduction, **kw)
+    sparse.backward()
+    masked.backward()
+    torch.testing.assert_close(s.grad, s3.grad[torch.tensor(mask)])
+
+    dense = kd_loss_flat(
+        torch.tensor(student[mask]), teacher[mask], kind, reduction=reduction, **kw
+    )
+    torch.testing.assert_close(dense.item(), ref_kd(student, teacher, mask, kind, **kw) * scale)
+    ce = hard_ce_loss_flat(torch.tensor(student[mask]), labels[mask], reduction=reduction)
+    torch.testing.assert_close(ce.item(), ref_ce(student, labels, mask) * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_flat_sparse_widens_narrow_targets(dtype):
+    student, teacher, mask, _ = make_case(40)
+    lp, ids = ref_topk(teacher, 5, 1.0)
+    narrow = torch.tensor(lp[mask]).to(dtype)  # what compact targets carry
+    s = torch.tensor(student[mask])
+    got = sparse_kd_loss_flat(s, narrow, ids[mask], "jsd", tail="tail_bucket")
+    want = sparse_kd_loss_flat(s, narrow.float(), ids[mask], "jsd", tail="tail_bucket")
+    torch.testing.assert_close(got, want)
+    assert got.dtype == torch.float32
+
+
+def test_flat_forms_check_shapes_and_t2():
+    student, teacher, mask, labels = make_case(41)
+    lp, ids = ref_topk(teacher, 4, 2.0)
+    s = torch.tensor(student[mask])
+    with pytest.raises(ValueError, match=r"flat losses take \(N, V\) rows"):
+        sparse_kd_loss_flat(torch.tensor(student), lp, ids)
+    with pytest.raises(ValueError, match=r"must both be \(N, K\)"):
+        sparse_kd_loss_flat(s, lp[mask][:-1], ids[mask][:-1])
+    with pytest.raises(ValueError, match=r"same N"):
+        kd_loss_flat(s, teacher[mask][:-1])
+    with pytest.raises(ValueError, match=r"labels has shape"):
+        hard_ce_loss_flat(s, labels[mask][:-1])
+    with pytest.raises(ValueError, match=r"tail='drop'"):
+        sparse_kd_loss_flat(s, lp[mask], ids[mask], tail="drop")
+    plain = sparse_kd_loss_flat(s, lp[mask], ids[mask], "rkl", temperature=2.0)
+    scaled = sparse_kd_loss_flat(s, lp[mask], ids[mask], "rkl", temperature=2.0, scale_by_t2=True)
+    torch.testing.assert_close(scaled, plain * 4.0)
+
+
+def test_topk_targets_takes_flat_rows():
+    _, teacher, mask, _ = make_case(42)
+    lp, ids = topk_targets(teacher[mask], 4, temperature=0.8)  # (N, V) -> (N, 4)
+    ref_lp, ref_ids = ref_topk(teacher[mask], 4, 0.8)
+    np.testing.assert_array_equal(ids.numpy(), ref_ids)
+    np.testing.assert_allclose(lp.numpy(), ref_lp, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
 # Argument checks
 
 
@@ -396,9 +475,11 @@ def test_bad_tail_shape_and_k_raise():
 def test_defaults_match_config():
     # Each default lives in config.py; the signatures must not drift from it.
     config = DistillConfig()
-    for fn in (kd_loss, sparse_kd_loss):
+    for fn in (kd_loss, sparse_kd_loss, kd_loss_flat, sparse_kd_loss_flat):
         params = inspect.signature(fn).parameters
         assert params["kind"].default == config.loss
         for name in ("beta", "alpha", "temperature", "scale_by_t2", "ce_weight"):
-            assert params[name].default == getattr(config, name), (fn.__name__, name)
-    assert inspect.signature(sparse_kd_loss).parameters["tail"].default == config.tail
+            if name in params:  # the flat forms leave the CE term to the caller
+                assert params[name].default == getattr(config, name), (fn.__name__, name)
+    for fn in (sparse_kd_loss, sparse_kd_loss_flat):
+        assert inspect.signature(fn).parameters["tail"].default == config.tail

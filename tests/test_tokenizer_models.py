@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from clpd_ray.config import ModelSpec
+from clpd_ray.config import Config, ModelSpec
 from clpd_ray.data.batching import encode_prompts
 from clpd_ray.data.task import TASK_ALPHABET, generate_examples
 from clpd_ray.data.tokenizer import SPECIAL_TOKENS, build_char_tokenizer, load_tokenizer
-from clpd_ray.distill.models import build_model, count_parameters, load_causal_lm, make_model
-from clpd_ray.errors import ClpdError, ModelLoadError
+from clpd_ray.distill.models import (
+    build_model,
+    count_parameters,
+    load_causal_lm,
+    make_model,
+    shared_tokenizer_source,
+)
+from clpd_ray.errors import ClpdError, ConfigError, ModelLoadError
 
-ARCHS = ["gpt2", "llama", "qwen2"]
+ARCHS = ["gpt2", "llama", "qwen2", "qwen3"]
+QWEN3_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "qwen3"
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +194,91 @@ def test_load_causal_lm_bad_path_raises_model_load_error(tmp_path, kind):
     with pytest.raises(ModelLoadError) as info:
         load_causal_lm(path)
     assert str(path) in str(info.value)
+
+
+# --- real vocabularies: padded rows, dtypes, the shared tokenizer ---------------------------------
+
+
+def test_qwen3_head_dim_follows_the_spec(tok):
+    model = build_model(_spec("qwen3", n_layer=2), tok)
+    assert model.config.model_type == "qwen3"
+    assert model.config.head_dim == 16 // 2  # n_embd / n_head, not Qwen3's default 128
+    assert model.config.hidden_size == 16 and model.config.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_vocab_size_pads_rows_and_generation_never_picks_them(tok, arch):
+    rows = len(tok) + 13
+    model = build_model(_spec(arch, vocab_size=rows), tok, seed=0).eval()
+    assert model.config.vocab_size == rows
+    assert model.get_input_embeddings().weight.shape[0] == rows
+    # Make the padded rows win every argmax: generation must still emit real tokens only.
+    with torch.no_grad():
+        model.get_output_embeddings().weight[len(tok) :] *= 50.0
+    batch = _batch(tok, ["7+3?", "12*2-5?"])
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape[-1] == rows
+    out = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert int(out.max()) < len(tok)
+
+
+def test_vocab_size_below_the_tokenizer_is_a_config_error(tok):
+    with pytest.raises(ConfigError, match=rf"vocab_size={len(tok) - 1}.*{len(tok)} tokens"):
+        build_model(_spec("qwen3", vocab_size=len(tok) - 1), tok)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "auto"])
+def test_load_causal_lm_dtype(tok, tmp_path, dtype):
+    model = build_model(_spec("qwen3"), tok, seed=1).to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    loaded = load_causal_lm(tmp_path, dtype)
+    # "auto" keeps the checkpoint's bf16; the others are what was asked for.
+    want = torch.bfloat16 if dtype == "auto" else getattr(torch, dtype)
+    assert {p.dtype for p in loaded.parameters()} == {want}
+    assert load_causal_lm(tmp_path).dtype == torch.float32  # default: fp32, not the file's bf16
+    assert make_model(ModelSpec(path=str(tmp_path)), tok, dtype="bfloat16").dtype == torch.bfloat16
+
+
+def test_load_causal_lm_refuses_an_unknown_dtype(tmp_path):
+    with pytest.raises(ConfigError, match="float8"):
+        load_causal_lm(tmp_path, "float8")  # type: ignore[arg-type]
+
+
+def _cfg(**sections) -> Config:
+    return Config.model_validate(sections)
+
+
+def test_shared_tokenizer_source_order():
+    ladder = [{"name": "a", "path": "/m/a"}, {"name": "b"}, {"name": "c", "path": "/m/c"}]
+    external = {"path": "d.jsonl"}
+    assert shared_tokenizer_source(_cfg()) is None  # the embedded task's char tokenizer
+    assert shared_tokenizer_source(_cfg(data=external)) is None  # nothing named: workload errs
+    # A teacher path serves external data only: the embedded task keeps its own tokenizer.
+    assert shared_tokenizer_source(_cfg(teachers={"ladder": ladder})) is None
+    assert shared_tokenizer_source(_cfg(data=external, teachers={"ladder": ladder})) == (
+        "teachers.ladder[c].path",
+        "/m/c",
+    )
+    assert shared_tokenizer_source(
+        _cfg(data=external, teachers={"ladder": ladder}, student={"tokenizer": "/t"})
+    ) == ("student.tokenizer", "/t")
+    assert shared_tokenizer_source(
+        _cfg(data=external, student={"tokenizer": "/t", "path": "/s"})
+    ) == ("student.path", "/s")
+
+
+@pytest.mark.skipif(not QWEN3_TOKENIZER.is_dir(), reason="needs ../shared/tokenizers/qwen3")
+def test_qwen3_model_at_the_real_vocabulary():
+    qtok = load_tokenizer(QWEN3_TOKENIZER)
+    assert len(qtok) == 151_669
+    spec = ModelSpec(arch="qwen3", n_layer=1, n_embd=16, n_head=2, vocab_size=151_936)
+    model = build_model(spec, qtok).eval()
+    assert model.config.vocab_size == 151_936
+    assert model.config.eos_token_id == qtok.eos_token_id
+    ids = qtok(["Natalia sold clips to 48 of her friends."], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**ids).logits
+    assert logits.shape == (1, ids["input_ids"].shape[1], 151_936)
+    out = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=qtok.pad_token_id)
+    assert int(out.max()) < len(qtok)

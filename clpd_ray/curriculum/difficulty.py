@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from clpd_ray.data.batching import encode_examples
 from clpd_ray.data.example import Example
+from clpd_ray.data.prompt_format import PromptFormat
 
 __all__ = [
     "count_steps",
@@ -29,12 +30,16 @@ __all__ = [
     "student_loss_scores",
 ]
 
-StepMode = Literal["lines", "calc"]
+StepMode = Literal["lines", "calc", "ops"]
+_PLAIN = PromptFormat()
 
 # The final answer line of a CoT: "#### 72" (GSM8K) or "#4" (embedded task).
 _ANSWER_LINE_RE = re.compile(r"^\s*#+")
 # One GSM8K calculator annotation, e.g. "<<16-3-4=9>>".
 _CALC_RE = re.compile(r"<<[^<>]*>>")
+# One binary arithmetic operator of an equation, e.g. SVAMP's "( 76.0 - 25.0 )" (a '-' counts
+# only after an operand, so a sign is not an operation).
+_OP_RE = re.compile(r"(?<=[\w)])\s*-|[+*/^]")
 
 
 def count_steps(cot: str, mode: StepMode = "lines") -> int:
@@ -42,6 +47,7 @@ def count_steps(cot: str, mode: StepMode = "lines") -> int:
 
     ``"lines"``: non-empty lines, not counting a final ``#...`` answer line.
     ``"calc"``: GSM8K calculator annotations ``<<expr=result>>``.
+    ``"ops"``: binary arithmetic operators of an equation (SVAMP, MAWPS).
     """
     if mode == "lines":
         lines = [line for line in cot.splitlines() if line.strip()]
@@ -50,7 +56,9 @@ def count_steps(cot: str, mode: StepMode = "lines") -> int:
         return max(1, len(lines))
     if mode == "calc":
         return max(1, len(_CALC_RE.findall(cot)))
-    raise ValueError(f"count_steps: mode={mode!r} is not one of 'lines', 'calc'")
+    if mode == "ops":
+        return max(1, len(_OP_RE.findall(cot)))
+    raise ValueError(f"count_steps: mode={mode!r} is not one of 'lines', 'calc', 'ops'")
 
 
 def step_scores(examples: Sequence[Example]) -> np.ndarray:
@@ -72,8 +80,12 @@ def student_loss_scores(
     examples: Sequence[Example],
     batch_size: int = 64,
     device: str | torch.device = "cpu",
+    fmt: PromptFormat | None = None,
 ) -> np.ndarray:
     """Mean NLL (nats/token) of each target + eos given its prompt under ``model``, shape (N,).
+
+    ``fmt``: the run's prompt format (plain by default; the chat template's end-of-turn marker
+    then stands in for the eos).
 
     ``model`` is any Hugging Face causal LM already placed on ``device``. It is scored in eval mode
     (no dropout noise) and its train/eval mode is restored afterwards. Examples are batched in
@@ -93,7 +105,7 @@ def student_loss_scores(
         with torch.no_grad():
             for start in range(0, n, batch_size):
                 idx = order[start : start + batch_size]
-                enc = encode_examples(tokenizer, [examples[i] for i in idx])
+                enc = encode_examples(tokenizer, [examples[i] for i in idx], fmt=fmt or _PLAIN)
                 ids = torch.from_numpy(enc.input_ids).to(device)  # (B, T)
                 attn = torch.from_numpy(enc.attention_mask).to(device)  # (B, T)
                 mask = torch.from_numpy(enc.loss_mask[:, :-1]).to(device)  # (B, T-1)

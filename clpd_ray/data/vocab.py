@@ -2,7 +2,7 @@
 
 Same-family models often differ only in padded embedding size (Qwen2.5: 151,936 vs 152,064
 rows); that is fine, because logits are sliced to the tokenizer's real size. What must match is
-the token-to-id map itself. See KD_CONVENTIONS.md, "Vocabulary checks".
+the token-to-id map itself. See docs/losses.md, "Vocabulary checks".
 """
 
 from __future__ import annotations

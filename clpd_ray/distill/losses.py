@@ -1,14 +1,17 @@
 """Token-level distillation losses: pure functions of logits, masks and teacher targets.
 
-Conventions follow ``docs/KD_CONVENTIONS.md``: p is the teacher and q the student distribution at
+Conventions follow ``docs/losses.md``: p is the teacher and q the student distribution at
 one token position, both softmax(logits / T) computed in float32. Logits arrive already shifted
 (position t predicts token t+1) and ``mask[b, t]`` says which positions are scored. The loss is the
 mean over scored positions (or their sum, for callers that divide by a global token count under
 gradient accumulation or data parallelism). The teacher is always detached.
 
     dense teacher   kd_loss(student (B,T,V), teacher (B,T,V), mask (B,T))
-    top-k teacher   topk_targets(teacher (B,T,V), k) -> logprobs (B,T,K), ids (B,T,K)
+    top-k teacher   topk_targets(teacher (...,V), k) -> logprobs (...,K), ids (...,K)
                     sparse_kd_loss(student (B,T,V), logprobs, ids, mask, tail=...)
+    flat forms      kd_loss_flat / sparse_kd_loss_flat / hard_ce_loss_flat on (N, ...) rows:
+                    the scored positions only, already selected (compact teacher targets, the
+                    chunked student loss in distill/chunked.py)
 
 Both build per-position (p, q) log-probabilities over one support and hand them to
 ``_divergence``, so every formula lives in one place. Mixtures are built in log space and
@@ -44,8 +47,11 @@ from clpd_ray.config import LossKind, TailMode
 
 __all__ = [
     "hard_ce_loss",
+    "hard_ce_loss_flat",
     "kd_loss",
+    "kd_loss_flat",
     "sparse_kd_loss",
+    "sparse_kd_loss_flat",
     "topk_targets",
 ]
 
@@ -227,6 +233,93 @@ def _labels_at(labels: object, mask: torch.Tensor, student_logits: torch.Tensor)
     return labels_t.long()[mask]  # (N,)
 
 
+def _check_rows(student_logits: torch.Tensor) -> None:
+    if student_logits.ndim != 2:
+        raise ValueError(
+            f"student_logits has shape {tuple(student_logits.shape)}; the flat losses take (N, V) "
+            "rows, one per scored position. Fix: select the scored positions first "
+            "(logits[mask]), or use the (B, T, V) form with a mask."
+        )
+
+
+def _dense_per_position(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    kind: str,
+    beta: float,
+    alpha: float,
+    temperature: float,
+) -> torch.Tensor:
+    """Dense divergence per row: student, teacher (N, V) logits -> (N,)."""
+    if student.shape[-1] != teacher.shape[-1]:
+        raise ValueError(
+            f"teacher vocabulary size {teacher.shape[-1]} != student vocabulary size "
+            f"{student.shape[-1]}. Fix: if the tokenizers' token-to-id maps agree (padded "
+            "embeddings), pass vocab_size=<tokenizer size>; otherwise use sequence-level KD."
+        )
+    s = student.float() / temperature  # (N, V)
+    t = teacher.float() / temperature  # (N, V)
+    return _divergence(F.log_softmax(t, dim=-1), F.log_softmax(s, dim=-1), kind, beta, alpha)
+
+
+def _sparse_per_position(
+    student: torch.Tensor,
+    lp: torch.Tensor,
+    ids: torch.Tensor,
+    kind: str,
+    tail: str,
+    beta: float,
+    alpha: float,
+    temperature: float,
+) -> torch.Tensor:
+    """Top-k divergence per row: student (N, V) logits, teacher lp/ids (N, K) -> (N,)."""
+    vocab = student.shape[-1]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(
+            f"teacher ids span [{int(ids.min())}, {int(ids.max())}] but the student vocabulary "
+            f"has {vocab} ids. Fix: check the tokenizers match, or pass vocab_size."
+        )
+    lp = lp.float()  # (N, K); float16/bfloat16 targets are widened here
+    if tail == "renormalise":
+        # Only the k gathered logits matter: no (N, V) float32 copy of the student's logits.
+        z = student.gather(-1, ids).float() / temperature  # (N, K)
+        logp = lp - lp.logsumexp(-1, keepdim=True)  # (N, K)
+        logq = F.log_softmax(z, dim=-1)  # (N, K)
+    else:
+        s = student.float()  # (N, V); a copy only if the logits are not float32 already
+        if temperature != 1.0:
+            s = s / temperature
+        z = s.gather(-1, ids)  # (N, K) student logits at the teacher's ids
+        logq_k = z - s.logsumexp(-1, keepdim=True)  # (N, K) full-vocabulary log-softmax at ids
+        if tail == "zero":
+            logp = lp - lp.logsumexp(-1, keepdim=True)  # (N, K)
+            logq = logq_k  # sums to Z <= 1; see the module docstring
+        else:  # tail_bucket
+            logp_tail = _log_tail(lp.logsumexp(-1, keepdim=True))  # (N, 1)
+            logq_tail = _log_tail(logq_k.logsumexp(-1, keepdim=True))  # (N, 1)
+            logp = torch.cat([lp, logp_tail], dim=-1)  # (N, K + 1)
+            logq = torch.cat([logq_k, logq_tail], dim=-1)  # (N, K + 1)
+    return _divergence(logp, logq, kind, beta, alpha)
+
+
+def _check_tail(tail: str) -> None:
+    if tail not in _TAILS:
+        raise ValueError(
+            f"tail={tail!r} is not a tail mode; allowed: {', '.join(_TAILS)}. "
+            "Fix: pass one of those (config key distill.tail)."
+        )
+
+
+def _teacher_topk(
+    teacher_logprobs: torch.Tensor | np.ndarray,
+    teacher_ids: torch.Tensor | np.ndarray,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    lp = torch.as_tensor(teacher_logprobs, device=device).detach()
+    ids = torch.as_tensor(teacher_ids, device=device).long()
+    return lp, ids
+
+
 # ----------------------------------------------------------------------------------------------
 # Public losses
 
@@ -249,6 +342,26 @@ def hard_ce_loss(
     return _ce(student_logits[mask_t], labels_sel, reduction)  # logits (N, V)
 
 
+def hard_ce_loss_flat(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor | np.ndarray,
+    *,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """:func:`hard_ce_loss` on rows already selected: logits (N, V), labels (N,) next-token ids."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}; allowed: {', '.join(_REDUCTIONS)}.")
+    _check_rows(student_logits)
+    labels_t = torch.as_tensor(labels, device=student_logits.device).long()
+    if tuple(labels_t.shape) != tuple(student_logits.shape[:1]):
+        raise ValueError(
+            f"labels has shape {tuple(labels_t.shape)}; expected (N,) = "
+            f"{tuple(student_logits.shape[:1])}, one next-token id per row. Fix: select labels "
+            "with the same mask as the logits."
+        )
+    return _ce(student_logits, labels_t, reduction)
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | np.ndarray,
@@ -267,7 +380,7 @@ def kd_loss(
     """Distillation loss from full teacher logits.
 
     ``student_logits`` and ``teacher_logits`` are (B, T, V), aligned per position; ``mask`` (B, T)
-    bool marks scored positions. ``kind`` picks the divergence of ``KD_CONVENTIONS.md`` (beta for
+    bool marks scored positions. ``kind`` picks the divergence of ``docs/losses.md`` (beta for
     jsd, alpha for the skew KLs). The KD term is multiplied by T^2 only if ``scale_by_t2``. With
     ``ce_weight > 0``, ``ce_weight`` times the cross-entropy (at T = 1) on ``labels`` (B, T) is
     added. ``vocab_size`` slices both logits to ``[..., :vocab_size]`` (padded embeddings); a
@@ -284,18 +397,9 @@ def kd_loss(
         )
     student = _slice_vocab(student_logits, vocab_size, "student")
     teacher = _slice_vocab(teacher, vocab_size, "teacher")
-    if student.shape[-1] != teacher.shape[-1]:
-        raise ValueError(
-            f"teacher vocabulary size {teacher.shape[-1]} != student vocabulary size "
-            f"{student.shape[-1]}. Fix: if the tokenizers' token-to-id maps agree (padded "
-            "embeddings), pass vocab_size=<tokenizer size>; otherwise use sequence-level KD."
-        )
-
-    s = student[mask_t].float() / temperature  # (N, V), only scored positions
-    t = teacher[mask_t].float() / temperature  # (N, V)
-    per_position = _divergence(
-        F.log_softmax(t, dim=-1), F.log_softmax(s, dim=-1), kind, beta, alpha
-    )  # (N,)
+    per_position = _dense_per_position(
+        student[mask_t], teacher[mask_t], kind, beta, alpha, temperature
+    )  # (N,), only scored positions
     loss = _reduce(per_position, reduction)
     if scale_by_t2:
         loss = loss * temperature**2
@@ -305,13 +409,44 @@ def kd_loss(
     return loss
 
 
+def kd_loss_flat(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | np.ndarray,
+    kind: LossKind = "fkl",
+    *,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    scale_by_t2: bool = False,
+    vocab_size: int | None = None,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """:func:`kd_loss` on rows already selected: student and teacher logits (N, V), one row per
+    scored position. No CE term: add :func:`hard_ce_loss_flat` (the caller owns the weighting)."""
+    _check_params(kind, beta, alpha, temperature, 0.0, None, reduction)
+    _check_rows(student_logits)
+    teacher = torch.as_tensor(teacher_logits, device=student_logits.device).detach()
+    if teacher.ndim != 2 or teacher.shape[0] != student_logits.shape[0]:
+        raise ValueError(
+            f"teacher_logits has shape {tuple(teacher.shape)} but student_logits has "
+            f"{tuple(student_logits.shape)}; both must be (N, V) with the same N. Fix: select "
+            "both with the same mask."
+        )
+    student = _slice_vocab(student_logits, vocab_size, "student")
+    teacher = _slice_vocab(teacher, vocab_size, "teacher")
+    loss = _reduce(_dense_per_position(student, teacher, kind, beta, alpha, temperature), reduction)
+    return loss * temperature**2 if scale_by_t2 else loss
+
+
 def topk_targets(
     teacher_logits: torch.Tensor | np.ndarray, k: int, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k teacher targets: log_softmax(logits / T) in float32, then its k largest entries.
 
-    ``teacher_logits`` (B, T, V) -> (logprobs float32 (B, T, k), ids int64 (B, T, k)), sorted by
-    decreasing log-probability, detached. Pass ``temperature`` on to ``sparse_kd_loss``.
+    ``teacher_logits`` (..., V), e.g. (B, T, V) or (N, V) -> (logprobs float32 (..., k), ids
+    int64 (..., k)), sorted by decreasing log-probability, detached. Pass ``temperature`` on to
+    ``sparse_kd_loss``. The full log-softmax is never stored: the top-k of logits / T minus its
+    logsumexp gives the same values without a second (..., V) float32 tensor.
     """
     if not (math.isfinite(temperature) and temperature > 0.0):
         raise ValueError(
@@ -324,9 +459,12 @@ def topk_targets(
         raise ValueError(
             f"k={k} is out of range for a vocabulary of {vocab}. Fix: pass 1 <= k <= {vocab}."
         )
-    logprobs = F.log_softmax(logits.float() / temperature, dim=-1)  # (B, T, V)
-    values, ids = logprobs.topk(k, dim=-1)  # (B, T, k) each
-    return values, ids.long()
+    z = logits.float()  # (..., V); a copy only if the logits are not float32 already
+    if temperature != 1.0:
+        z = z / temperature
+    log_z = z.logsumexp(-1, keepdim=True)  # (..., 1)
+    values, ids = z.topk(k, dim=-1)  # (..., k) each; log_softmax is monotone in z
+    return values - log_z, ids.long()
 
 
 def sparse_kd_loss(
@@ -354,51 +492,56 @@ def sparse_kd_loss(
     ``vocab_size`` slices the student logits (the ids must lie below it).
     """
     _check_params(kind, beta, alpha, temperature, ce_weight, labels, reduction)
-    if tail not in _TAILS:
-        raise ValueError(
-            f"tail={tail!r} is not a tail mode; allowed: {', '.join(_TAILS)}. "
-            "Fix: pass one of those (config key distill.tail)."
-        )
+    _check_tail(tail)
     mask_t = _check_mask(student_logits, mask)
-    device = student_logits.device
-    lp = torch.as_tensor(teacher_logprobs, device=device).detach()
-    ids = torch.as_tensor(teacher_ids, device=device).long()
+    lp, ids = _teacher_topk(teacher_logprobs, teacher_ids, student_logits.device)
     if lp.shape != ids.shape or lp.ndim != 3 or tuple(lp.shape[:2]) != tuple(mask_t.shape):
         raise ValueError(
             f"teacher_logprobs {tuple(lp.shape)} and teacher_ids {tuple(ids.shape)} must both be "
             f"(B, T, K) with (B, T) = {tuple(mask_t.shape)}. Fix: pass topk_targets' outputs."
         )
     student = _slice_vocab(student_logits, vocab_size, "student")
-    vocab = student.shape[-1]
-
-    lp = lp[mask_t].float()  # (N, K)
-    ids = ids[mask_t]  # (N, K)
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-        raise ValueError(
-            f"teacher ids span [{int(ids.min())}, {int(ids.max())}] but the student vocabulary "
-            f"has {vocab} ids. Fix: check the tokenizers match, or pass vocab_size."
-        )
-    s = student[mask_t].float() / temperature  # (N, V)
-    z = s.gather(-1, ids)  # (N, K) student logits at the teacher's ids
-
-    if tail == "renormalise":
-        logp = lp - lp.logsumexp(-1, keepdim=True)  # (N, K)
-        logq = F.log_softmax(z, dim=-1)  # (N, K)
-    else:
-        logq_k = z - s.logsumexp(-1, keepdim=True)  # (N, K) full-vocabulary log-softmax at ids
-        if tail == "zero":
-            logp = lp - lp.logsumexp(-1, keepdim=True)  # (N, K)
-            logq = logq_k  # sums to Z <= 1; see the module docstring
-        else:  # tail_bucket
-            logp_tail = _log_tail(lp.logsumexp(-1, keepdim=True))  # (N, 1)
-            logq_tail = _log_tail(logq_k.logsumexp(-1, keepdim=True))  # (N, 1)
-            logp = torch.cat([lp, logp_tail], dim=-1)  # (N, K + 1)
-            logq = torch.cat([logq_k, logq_tail], dim=-1)  # (N, K + 1)
-
-    loss = _reduce(_divergence(logp, logq, kind, beta, alpha), reduction)
+    per_position = _sparse_per_position(
+        student[mask_t], lp[mask_t], ids[mask_t], kind, tail, beta, alpha, temperature
+    )  # (N,)
+    loss = _reduce(per_position, reduction)
     if scale_by_t2:
         loss = loss * temperature**2
     if ce_weight > 0.0:
         labels_sel = _labels_at(labels, mask_t, student_logits)  # (N,)
         loss = loss + ce_weight * _ce(student[mask_t], labels_sel, reduction)
     return loss
+
+
+def sparse_kd_loss_flat(
+    student_logits: torch.Tensor,
+    teacher_logprobs: torch.Tensor | np.ndarray,
+    teacher_ids: torch.Tensor | np.ndarray,
+    kind: LossKind = "fkl",
+    *,
+    tail: TailMode = "renormalise",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    scale_by_t2: bool = False,
+    vocab_size: int | None = None,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """:func:`sparse_kd_loss` on rows already selected: student logits (N, V), teacher
+    log-probabilities (N, K) (float32, float16 or bfloat16; widened to float32) and ids (N, K),
+    one row per scored position, as compact teacher targets arrive. No CE term: add
+    :func:`hard_ce_loss_flat` (the caller owns the weighting)."""
+    _check_params(kind, beta, alpha, temperature, 0.0, None, reduction)
+    _check_tail(tail)
+    _check_rows(student_logits)
+    lp, ids = _teacher_topk(teacher_logprobs, teacher_ids, student_logits.device)
+    if lp.shape != ids.shape or lp.ndim != 2 or lp.shape[0] != student_logits.shape[0]:
+        raise ValueError(
+            f"teacher_logprobs {tuple(lp.shape)} and teacher_ids {tuple(ids.shape)} must both be "
+            f"(N, K) with N = {student_logits.shape[0]} rows of student_logits. Fix: pass compact "
+            "targets for exactly the selected positions."
+        )
+    student = _slice_vocab(student_logits, vocab_size, "student")
+    per_position = _sparse_per_position(student, lp, ids, kind, tail, beta, alpha, temperature)
+    loss = _reduce(per_position, reduction)
+    return loss * temperature**2 if scale_by_t2 else loss

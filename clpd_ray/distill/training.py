@@ -1,7 +1,9 @@
 """Plain, in-process training and evaluation helpers shared by the ladder, the actors and benchmarks.
 
-``lm_step`` is one supervised step on reference targets; ``generate_texts`` is greedy decoding;
-``evaluate_accuracy`` is exact-match accuracy overall and by difficulty (CoT step count).
+``lm_loss`` is the supervised loss on reference targets; ``generate_texts`` is greedy or sampled
+decoding in the run's prompt format (plain or chat template), stopping at the eos / end of turn;
+``evaluate_accuracy`` is exact-match accuracy overall and by difficulty (CoT step count), with
+every prediction returned.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from clpd_ray.data.batching import Encoded, encode_prompts
-from clpd_ray.data.example import Example, answers_match
+from clpd_ray.data.batching import Encoded, encode_prompts, tokenize_rows
+from clpd_ray.data.example import AnswerExtractor, Example
+from clpd_ray.data.prompt_format import PromptFormat
 
 __all__ = [
     "evaluate_accuracy",
@@ -25,6 +28,8 @@ __all__ = [
     "masked_nll",
     "to_torch",
 ]
+
+_PLAIN = PromptFormat()
 
 
 def to_torch(enc: Encoded, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -79,32 +84,59 @@ def generate_texts(
     prompts: Sequence[str],
     *,
     max_new_tokens: int,
+    fmt: PromptFormat = _PLAIN,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    seed: int = 0,
     batch_size: int = 256,
 ) -> list[str]:
-    """Greedy continuations of ``prompts`` (decoded, special tokens dropped), in input order.
+    """Continuations of ``fmt.prompt_text`` of each prompt, in input order.
 
+    Greedy unless ``do_sample`` (then sampled at ``temperature``, reproducible by ``seed``
+    without touching the global RNG). Each continuation ends before the first stop token (the
+    eos, or the chat template's end-of-turn marker) and is decoded without special tokens.
     Prompts are grouped by token length so most groups need no padding at all.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    lengths = [len(x) for x in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    texts_in = [fmt.prompt_text(tokenizer, p) for p in prompts]
+    lengths = (
+        [len(x) for x in tokenizer(texts_in, add_special_tokens=False)["input_ids"]]
+        if texts_in
+        else []
+    )
     order = np.argsort(lengths, kind="stable")
+    stops = fmt.stop_token_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[str] = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        ids, attn = encode_prompts(tokenizer, [prompts[i] for i in idx])
-        gen = model.generate(  # type: ignore[operator]
-            input_ids=torch.as_tensor(ids, device=device),
-            attention_mask=torch.as_tensor(attn, device=device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        texts = tokenizer.batch_decode(gen[:, ids.shape[1] :], skip_special_tokens=True)
-        for i, t in zip(idx, texts, strict=True):
-            out[int(i)] = t
+    # A complete generation config, so a checkpoint's own defaults (Qwen instruct models ship
+    # sampling, top-k/p and a repetition penalty) never change what "greedy" or "sample" means.
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else 1.0,
+        top_k=0 if do_sample else 50,
+        top_p=1.0,
+        repetition_penalty=1.0,
+        pad_token_id=pad,
+        eos_token_id=stops,
+    )
+    rng_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices, enabled=do_sample):
+        if do_sample:
+            torch.manual_seed(seed)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            ids, attn = encode_prompts(tokenizer, [prompts[i] for i in idx], fmt)
+            gen = model.generate(  # type: ignore[operator]
+                input_ids=torch.as_tensor(ids, device=device),
+                attention_mask=torch.as_tensor(attn, device=device),
+                generation_config=config,
+            )
+            for i, row in zip(idx, gen[:, ids.shape[1] :].tolist(), strict=True):
+                cut = next((j for j, t in enumerate(row) if t in stops), len(row))
+                out[int(i)] = str(tokenizer.decode(row[:cut], skip_special_tokens=True))
     model.train(was_training)
     return out
 
@@ -115,25 +147,48 @@ def evaluate_accuracy(
     examples: Sequence[Example],
     *,
     max_new_tokens: int | None = None,
+    fmt: PromptFormat = _PLAIN,
+    extractor: AnswerExtractor | None = None,
     batch_size: int = 256,
 ) -> dict:
-    """Exact-match accuracy: ``{"accuracy": float, "by_difficulty": {steps: acc}, "n": int}``."""
+    """Exact-match accuracy of greedy generations.
+
+    Returns ``{"accuracy": float, "by_difficulty": {steps: acc}, "n": int, "predictions":
+    [{"prompt", "generation", "extracted", "gold", "correct", "steps"}, ...]}`` (predictions in
+    input order). ``extractor`` defaults to numbers after a ``#`` marker, no fallback.
+    """
+    extractor = extractor or AnswerExtractor()
     if max_new_tokens is None:
-        targets = tokenizer([e.target for e in examples], add_special_tokens=False)["input_ids"]
-        max_new_tokens = max(len(t) for t in targets) + 2
+        rows = tokenize_rows(tokenizer, examples, fmt)
+        max_new_tokens = max((len(ids) - n - 1 for ids, n in rows), default=0) + 2
     texts = generate_texts(
         model,
         tokenizer,
         [e.prompt for e in examples],
         max_new_tokens=max_new_tokens,
+        fmt=fmt,
         batch_size=batch_size,
     )
     hits: dict[int, list[bool]] = defaultdict(list)
+    predictions = []
     for e, t in zip(examples, texts, strict=True):
-        hits[e.steps].append(answers_match(t, e.answer))
+        got = extractor.extract(t)
+        ok = got is not None and got == extractor.normalise(e.answer)
+        hits[e.steps].append(ok)
+        predictions.append(
+            {
+                "prompt": e.prompt,
+                "generation": t,
+                "extracted": got,
+                "gold": e.answer,
+                "correct": ok,
+                "steps": int(e.steps),
+            }
+        )
     allhits = [h for v in hits.values() for h in v]
     return {
         "accuracy": float(np.mean(allhits)) if allhits else 0.0,
         "by_difficulty": {int(k): float(np.mean(v)) for k, v in sorted(hits.items())},
         "n": len(allhits),
+        "predictions": predictions,
     }

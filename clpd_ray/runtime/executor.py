@@ -7,9 +7,10 @@ replays. Pipeline, with prefetch depth D (``train.prefetch``)::
                                 Batch(j) ──put──▶ teacher.targets(ref)
     train(s)                    student.train_step(Batch(s) ref, targets(s) ref)
                                   (Ray hands the targets straight to the student: no driver hop)
-    probe after s               student.weights (queued right after step s) ──▶ scheduler.probe,
-                                  in the scheduler's own "probe" concurrency group, so decide()
-                                  never waits behind a probe
+    probe after s               student.snapshot (queued right after step s: a device-local
+                                  copy of the weights) ──▶ student.probe, in the student's own
+                                  "probe" concurrency group: no weights are shipped, training
+                                  goes on, and decide() never waits behind a probe
     checkpoint after s          student files + controller.json + manifest ──▶ checkpoints/step-N
 
 Teachers compute targets D steps ahead while the student trains, and the student always has the
@@ -21,7 +22,7 @@ the student or the scheduler fails, Ray restarts it, and the executor rewinds ev
 last checkpoint (or to step 0) and replays::
 
     failure ──▶ wait for the restarted actor ──▶ student.restore(step-N)
-            ──▶ scheduler.load_state_dict + set_probes ──▶ planner.load_state_dict(step N)
+            ──▶ scheduler.load_state_dict, student.set_probes ──▶ planner.load_state_dict(step N)
             ──▶ drop metrics/decisions rows past N ──▶ plan and train from step N again
 
 A resumed run (``clpd run --resume``) starts the same way from its latest checkpoint, so it ends
@@ -45,6 +46,13 @@ from tqdm.auto import tqdm
 
 from clpd_ray.config import Config
 from clpd_ray.data.batching import encode_examples
+from clpd_ray.data.tokenizer import load_tokenizer
+from clpd_ray.distill.sequence import (
+    SequenceSettings,
+    same_vocab,
+    settings_per_teacher,
+    summarise_counts,
+)
 from clpd_ray.errors import ClpdError, PolicyError
 from clpd_ray.messages import Batch, StepResult
 from clpd_ray.policies import SchedulerPolicy
@@ -60,7 +68,7 @@ __all__ = ["PROBE_GROUP", "Executor", "RunStats", "unwrap"]
 
 _log = logging.getLogger(__name__)
 _CLPD_ERROR_LINE = re.compile(r"clpd_ray\.errors\.\w+: ")
-PROBE_GROUP = "probe"  # the scheduler actor's concurrency group for probes (launcher.py)
+PROBE_GROUP = "probe"  # the student actor's concurrency group for probes (launcher.py)
 
 
 def unwrap(refs: Any, timeout: float | None = None) -> Any:
@@ -140,6 +148,12 @@ class Executor:
         self.eval_refs: dict[int, Any] = {}  # eval step -> ref (train.eval_every), until written
         self.teacher_refs: dict[int, list[Any]] = {}  # rung -> requests that may be in flight
         self._probe_args: tuple[Any, ...] = ()
+        # Sequence-level KD (distill/sequence.py): how teachers generate, and each step's counters
+        # (refs until the step's result is collected; then the counters, for summary.json).
+        self._sequence: list[SequenceSettings] = []  # per teacher (_setup_sequence)
+        self._teachers_share_vocab = True
+        self._sequence_refs: dict[int, Any] = {}
+        self.sequence_counts: dict[int, dict[str, Any]] = {}
         self._last: tuple[str | None, dict] | None = None  # latest checkpoint and its state
 
     @property
@@ -149,13 +163,15 @@ class Executor:
 
     # ------------------------------------------------------------------ setup
     def _setup_probes(self) -> None:
-        """Teacher targets and accuracy on each stage's probe set (sent to the scheduler later)."""
+        """Teacher targets and accuracy on each stage's probe set (sent to the student later)."""
+        if self.c.distill.objective == "sequence":
+            self._setup_sequence()
         if not self.planner.reads_probes:
             return
         sets = probe_sets(self.planner, self.c.seed, self.c.scheduler.probe_size)
         probe_batches = []
         for s, p in enumerate(sets):
-            e = encode_examples(self.w.tokenizer, p)
+            e = encode_examples(self.w.tokenizer, p, fmt=self.w.prompt_format)
             probe_batches.append(
                 Batch(
                     step=-1 - s,
@@ -166,12 +182,22 @@ class Executor:
                     example_ids=np.arange(len(p)),
                 )
             )
+        # Teachers of another tokenizer family (sequence-level KD) cannot score the student's
+        # tokens: the probes then have no KL part (ProbeResult.kl_to_teacher == ()).
+        kl = self._teachers_share_vocab
         target_refs, acc_refs = [], []
         for i in range(len(self.planner.names)):
             t = self.launcher.teacher(i)
-            target_refs.append([t.targets.remote(b) for b in probe_batches])
-            acc_refs.append([t.evaluate.remote(p, self.w.max_new_tokens) for p in sets])
-        targets = [unwrap(r) for r in target_refs]
+            target_refs.append([t.targets.remote(b) for b in probe_batches] if kl else [])
+            acc_refs.append(
+                [
+                    t.evaluate.remote(
+                        p, self.w.max_new_tokens, self.w.prompt_format, self.w.extractor
+                    )
+                    for p in sets
+                ]
+            )
+        targets = [unwrap(r) for r in target_refs] if kl else []
         self.planner.teacher_accuracy = tuple(
             tuple(a["accuracy"] for a in unwrap(r)) for r in acc_refs
         )
@@ -180,10 +206,20 @@ class Executor:
             for i in range(len(self.planner.names)):
                 self.launcher.release_teacher(i)
 
-    def _probe(self, step: int) -> Any:
-        return self.actors.scheduler.probe.options(concurrency_group=PROBE_GROUP).remote(
-            step, self.actors.student.weights.remote()
+    def _setup_sequence(self) -> None:
+        """Sequence-level KD: whether the teachers share the student's tokenizer (token-level KD
+        checked that before the run: runtime/run.py check_tokenizers), and each teacher's
+        generation settings (its budget in its own tokens: distill/sequence.py)."""
+        toks = [load_tokenizer(e.path) for e in self.w.ladder]
+        self._teachers_share_vocab = all(same_vocab(self.w.tokenizer, t) for t in toks)
+        self._sequence = settings_per_teacher(
+            self.c, self.w.tokenizer, toks, self.w.eval, self.w.max_new_tokens
         )
+
+    def _probe(self, step: int) -> Any:
+        student = self.actors.student
+        snapshot = student.snapshot.remote()  # in order, right after step `step`
+        return student.probe.options(concurrency_group=PROBE_GROUP).remote(step, snapshot)
 
     # ------------------------------------------------------------------ collecting
     def _collect(self, upto: int) -> None:
@@ -191,6 +227,8 @@ class Executor:
         while self.inflight and self.inflight[0][0] <= upto:
             _, ref = self.inflight.popleft()
             res: StepResult = unwrap(ref)
+            if res.step in self._sequence_refs:  # tiny: the counters only, never the batch
+                self.sequence_counts[res.step] = unwrap(self._sequence_refs.pop(res.step))
             for row in self.planner.record(res, time.perf_counter()):
                 self.reporter.metrics({**row, "recoveries": self.recoveries})
                 self._postfix(row)
@@ -230,7 +268,10 @@ class Executor:
         batch_ref = ray.put(plan.batch)
         if self.c.distill.objective == "sequence":
             t = self.launcher.teacher(plan.teachers[0])
-            refs = [t.generate.remote(batch_ref, self.w.max_new_tokens)]
+            settings = self._sequence[plan.teachers[0]]
+            generated, counts = t.generate.options(num_returns=2).remote(batch_ref, settings)
+            self._sequence_refs[plan.step] = counts
+            refs = [generated]
         else:
             refs = [self.launcher.teacher(i).targets.remote(batch_ref) for i in plan.teachers]
         for i, ref in zip(plan.teachers, refs, strict=True):
@@ -364,7 +405,7 @@ class Executor:
         evaluation = unwrap(actors.student.evaluate.remote(self.w.eval, self.w.max_new_tokens))
         unwrap(actors.student.save_pretrained.remote(self.run_dir.student_dir()))
         student = unwrap(actors.student.stats.remote())
-        busy = {"student": student["busy_s"]}
+        busy = {"student": student["busy_s"], "student-probes": student["probe_busy_s"]}
         for name, h in zip(self.planner.names, actors.teachers, strict=True):
             if h is not None:
                 busy[f"teacher-{name}"] = unwrap(h.stats.remote())["busy_s"]
@@ -403,11 +444,7 @@ class Executor:
             unwrap(actors.student.restore.remote(ckpt))
             self.run_dir.rewind(step)
         if self.planner.reads_probes:
-            unwrap(
-                actors.scheduler.set_probes.options(concurrency_group=PROBE_GROUP).remote(
-                    *self._probe_args
-                )
-            )
+            unwrap(actors.student.set_probes.remote(*self._probe_args))
         self._policy_call("load_state_dict", step, state["policy"])
         self.inflight = deque()
         self.pending_checkpoints = deque()
@@ -434,6 +471,11 @@ class Executor:
             self.max_recoveries,
         )
         wait_for_restarts(self.launcher)
+
+    def summary_sequence_kd(self) -> dict[str, dict[str, Any]]:
+        """Per teacher: chains generated, cached, correct, accepted (and the acceptance rate),
+        over the steps this process trained (a replayed step counts once)."""
+        return summarise_counts([self.sequence_counts[s] for s in sorted(self.sequence_counts)])
 
     def summary_stages(self) -> dict[str, list[int]]:
         return self.planner.stage_summary()

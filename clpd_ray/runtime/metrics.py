@@ -1,11 +1,15 @@
 """Run metrics: Prometheus instruments the actors record through, and helpers to find and read them.
 
-Each actor holds one :class:`RunMetrics` and calls it at the points that matter::
+Each actor (and the driver) holds one :class:`RunMetrics` and calls it at the points that matter::
 
-    student   --student_step(loss, tokens_per_s, lr)-->  clpd_student_loss, clpd_tokens_per_s,
-                                                         clpd_learning_rate, clpd_student_steps
-    scheduler --schedule(stage, teacher, name)------->   clpd_stage, clpd_teacher, clpd_teacher_active
+    student   --student_step(loss, tokens_per_s, lr,  clpd_student_loss, clpd_tokens_per_s,
+                  kd_loss=, ce_loss=, target_bytes=)-->  clpd_learning_rate, clpd_student_steps,
+                                                         clpd_kd_loss, clpd_ce_loss, clpd_target_bytes
+    scheduler --schedule(stage, teacher, name,           clpd_stage, clpd_teacher, clpd_teacher_active,
+                         reason=)------------------->    clpd_decisions (on a change)
+    student   --probe(results, teacher_names)-------->   clpd_probe_accuracy, clpd_probe_loss, clpd_probe_kl
     teacher   --teacher_latency(name, seconds, tokens)-> clpd_teacher_latency_seconds, clpd_teacher_tokens
+    driver    --recoveries(count)-------------------->   clpd_recoveries
 
 Names as exported. Ray prefixes every custom metric with ``ray_`` and Prometheus gives counters a
 ``_total`` suffix and histograms ``_bucket``/``_sum``/``_count`` series, so a scrape shows
@@ -17,7 +21,12 @@ Tags. Every instrument carries ``run`` (the run id given to the constructor), so
 cluster stay apart in PromQL (``ray_clpd_student_loss{run="..."}``); the teacher instruments also
 carry ``teacher`` (the teacher's name). ``clpd_teacher`` is the ladder index with only ``run``, so
 it stays one series; ``clpd_teacher_active{teacher=...}`` names the teacher: 1 for the current one,
-0 for the previous one until Ray evicts that series (~20 s after the switch).
+0 for the previous one until Ray evicts that series (~20 s after the switch). ``clpd_decisions``
+counts the decisions that changed the stage or the teacher, tagged ``stage``, ``teacher`` and
+``reason`` (the policy's text, cut to 120 characters): a new series appears at each switch, which
+is what the Grafana dashboard's annotations show. ``clpd_target_bytes`` counts the bytes of teacher
+targets (top-k log-probs + ids) the student received, per ``teacher``; the probe gauges carry
+``stage`` (and ``teacher`` for the KL).
 
 Delay. Values reach the node's export endpoint (``http://<node>:<MetricsExportPort>/metrics``)
 about 10 s after they are recorded (Ray's export interval), so poll rather than read once. The
@@ -42,6 +51,7 @@ import sys
 import threading
 import urllib.request
 import weakref
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from clpd_ray.errors import ClpdError
@@ -71,6 +81,8 @@ LATENCY_BOUNDARIES_S: tuple[float, ...] = (
     10.0,
     30.0,
 )
+
+_REASON_CHARS = 120  # a decision's reason as a label: one line, bounded
 
 # Labels Ray adds to every exported sample; they identify the process, not the run.
 _RAY_LABELS = frozenset({"Component", "NodeAddress", "SessionName", "Version", "WorkerId", "JobId"})
@@ -110,6 +122,7 @@ class RunMetrics:
         self._lock = threading.Lock()
         self._stop: threading.Event | None = None
         self._active_teacher: str | None = None
+        self._last_decision: tuple[int, str] | None = None  # (stage, teacher) last counted
 
     def __repr__(self) -> str:
         return f"RunMetrics(run={self.run!r}, enabled={self.enabled})"
@@ -142,8 +155,18 @@ class RunMetrics:
 
     # -- recording -------------------------------------------------------------------------------
 
-    def student_step(self, loss: float, tokens_per_s: float, lr: float) -> None:
-        """One optimiser step of the student: its loss, throughput and learning rate."""
+    def student_step(
+        self,
+        loss: float,
+        tokens_per_s: float,
+        lr: float,
+        *,
+        kd_loss: float | None = None,
+        ce_loss: float | None = None,
+        target_bytes: Mapping[str, int] | None = None,
+    ) -> None:
+        """One optimiser step of the student: its loss (and its KD and CE parts), throughput,
+        learning rate, and the bytes of teacher targets it received (``{teacher: bytes}``)."""
         m = self._get()
         if m is None:
             return
@@ -151,10 +174,23 @@ class RunMetrics:
         self._set_gauge(m, "loss", float(loss), tags)
         self._set_gauge(m, "tokens_per_s", float(tokens_per_s), tags)
         self._set_gauge(m, "lr", float(lr), tags)
+        if kd_loss is not None:
+            self._set_gauge(m, "kd_loss", float(kd_loss), tags)
+        if ce_loss is not None:
+            self._set_gauge(m, "ce_loss", float(ce_loss), tags)
         m["steps"].inc(1.0, tags=tags)
+        for teacher, nbytes in (target_bytes or {}).items():
+            if nbytes > 0:  # Ray counters reject increments <= 0
+                m["target_bytes"].inc(
+                    float(nbytes), tags={"run": self.run, "teacher": str(teacher)}
+                )
 
-    def schedule(self, stage: int, teacher: int, teacher_name: str) -> None:
-        """The scheduler's current curriculum stage and teacher (ladder index and name)."""
+    def schedule(
+        self, stage: int, teacher: int, teacher_name: str, reason: str | None = None
+    ) -> None:
+        """The scheduler's current curriculum stage and teacher (ladder index and name);
+        ``reason``: the decision's reason, counted in ``clpd_decisions`` when stage or teacher
+        changed."""
         m = self._get()
         if m is None:
             return
@@ -162,6 +198,13 @@ class RunMetrics:
         self._set_gauge(m, "stage", float(stage), tags)
         self._set_gauge(m, "teacher", float(teacher), tags)
         name = str(teacher_name)
+        if (int(stage), name) != self._last_decision:
+            self._last_decision = (int(stage), name)
+            why = " ".join(str(reason or "").split())[:_REASON_CHARS]
+            m["decisions"].inc(
+                1.0,
+                tags={"run": self.run, "stage": str(int(stage)), "teacher": name, "reason": why},
+            )
         previous = self._active_teacher
         if name != previous:
             if previous is not None:
@@ -181,6 +224,27 @@ class RunMetrics:
         m["latency"].observe(float(seconds), tags=tags)
         if tokens > 0:  # Ray counters reject increments <= 0
             m["tokens"].inc(float(tokens), tags=tags)
+
+    def probe(self, results: Sequence[Any], teacher_names: Sequence[str]) -> None:
+        """The student measured on each stage's probe set: ``results`` are ProbeResults (``stage``,
+        ``loss``, ``accuracy``, ``kl_to_teacher`` per teacher, in ``teacher_names`` order)."""
+        m = self._get()
+        if m is None:
+            return
+        for r in results:
+            tags = {"run": self.run, "stage": str(int(r.stage))}
+            self._set_gauge(m, "probe_accuracy", float(r.accuracy), tags)
+            self._set_gauge(m, "probe_loss", float(r.loss), tags)
+            for name, kl in zip(teacher_names, r.kl_to_teacher, strict=False):
+                self._set_gauge(m, "probe_kl", float(kl), {**tags, "teacher": str(name)})
+
+    def recoveries(self, count: int) -> None:
+        """How many times the run has replayed from a checkpoint after a lost actor (the driver
+        sets it, 0 at the start, so the series exists before the first failure)."""
+        m = self._get()
+        if m is None:
+            return
+        self._set_gauge(m, "recoveries", float(count), {"run": self.run})
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -254,6 +318,30 @@ def _make_instruments() -> dict[str, Any]:
             tag_keys=run_teacher,
         ),
         "tokens": Counter("clpd_teacher_tokens", "Tokens scored by each teacher.", run_teacher),
+        "kd_loss": Gauge("clpd_kd_loss", "KD part of the student loss at the last step.", run),
+        "ce_loss": Gauge("clpd_ce_loss", "Cross-entropy part of the student loss.", run),
+        "target_bytes": Counter(
+            "clpd_target_bytes", "Bytes of teacher targets the student received.", run_teacher
+        ),
+        "decisions": Counter(
+            "clpd_decisions",
+            "Scheduler decisions that changed the stage or the teacher.",
+            ("run", "stage", "teacher", "reason"),
+        ),
+        "probe_accuracy": Gauge(
+            "clpd_probe_accuracy", "Student accuracy on a stage's probe set.", ("run", "stage")
+        ),
+        "probe_loss": Gauge(
+            "clpd_probe_loss", "Student token NLL on a stage's probe set.", ("run", "stage")
+        ),
+        "probe_kl": Gauge(
+            "clpd_probe_kl",
+            "KL(teacher || student) on a stage's probe set.",
+            ("run", "stage", "teacher"),
+        ),
+        "recoveries": Gauge(
+            "clpd_recoveries", "Replays from a checkpoint after a lost actor.", run
+        ),
     }
 
 

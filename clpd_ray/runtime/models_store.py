@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from clpd_ray.config import Config, ModelSpec
+from clpd_ray.distill.models import shared_tokenizer_source
 from clpd_ray.runtime import storage
 
 __all__ = [
@@ -149,10 +150,12 @@ def actor_sources(
         _as_given(spec.path) if spec.path else publish(local, storage.join(models, spec.name))
         for spec, local in zip(config.teachers.ladder, ladder_dirs, strict=True)
     ]
-    if config.data.path is None:  # the embedded task's tokenizer, built on the driver
+    found = shared_tokenizer_source(config)
+    if found is None or found[0] == "student.tokenizer":
+        # The embedded task's tokenizer, or a tokenizer-only copy, made on the driver.
         tokenizer = publish(tokenizer_dir, storage.join(models, "tokenizer"))
-    else:  # the student's (or strongest teacher's) tokenizer, as the workload chose it
-        tokenizer = _as_given(config.student.path or config.teachers.ladder[-1].path or "")
+    else:  # the student's (or strongest teacher's) checkpoint, as the workload chose it
+        tokenizer = _as_given(found[1])
     return teachers, tokenizer
 
 

@@ -232,7 +232,7 @@ class Planner:
 
     def _batch(self, j: int, stage: int, idx: np.ndarray) -> Batch:
         examples = [self.w.train[i] for i in idx]
-        enc = encode_examples(self.w.tokenizer, examples)
+        enc = encode_examples(self.w.tokenizer, examples, fmt=self.w.prompt_format)
         sequence = self.c.distill.objective == "sequence"
         return Batch(
             step=j,
@@ -242,6 +242,8 @@ class Planner:
             loss_mask=enc.loss_mask,
             example_ids=np.asarray(idx),
             prompts=tuple(e.prompt for e in examples) if sequence else (),
+            targets=tuple(e.target for e in examples) if sequence else (),
+            answers=tuple(e.answer for e in examples) if sequence else (),
         )
 
     # ------------------------------------------------------------------ results and metrics

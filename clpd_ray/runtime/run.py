@@ -5,7 +5,7 @@
 anything is written or started, so a mistake leaves no half-made run directory behind::
 
     config ─▶ policy ─▶ --out is new ─▶ --address reachable, token accepted (connect.py)
-           ─▶ data + teacher ladder ─▶ model paths, tokenizers ─▶ join/start Ray, GPUs enough
+           ─▶ model paths, tokenizers ─▶ data + teacher ladder ─▶ join/start Ray, GPUs enough
            (placement.py) ─▶ run directory ─▶ actors ─▶ run header ─▶ executor (replays after
            failures) ─▶ summary.json
 """
@@ -26,8 +26,10 @@ import ray
 
 from clpd_ray.config import Config
 from clpd_ray.curriculum.checks import check_stages, check_task_curriculum
-from clpd_ray.data.tokenizer import load_tokenizer
+from clpd_ray.data.tokenizer import build_char_tokenizer, load_tokenizer
 from clpd_ray.data.vocab import check_same_vocab
+from clpd_ray.distill.compact import transport_entry
+from clpd_ray.distill.models import shared_tokenizer_source
 from clpd_ray.errors import ModelLoadError
 from clpd_ray.policies import SchedulerPolicy, bind_policy, resolve_policy
 from clpd_ray.runtime import resume, storage
@@ -45,7 +47,15 @@ from clpd_ray.runtime.header import format_header
 from clpd_ray.runtime.identity import model_fingerprints
 from clpd_ray.runtime.lock import run_lock
 from clpd_ray.runtime.models_store import actor_sources, localise
+from clpd_ray.runtime.phases import phase
 from clpd_ray.runtime.placement import Placement, plan_placement
+from clpd_ray.runtime.preflight import (
+    check_lengths,
+    download_hint,
+    inspect_models,
+    load_model_config,
+    training_length,
+)
 from clpd_ray.runtime.rundir import RunDir
 from clpd_ray.runtime.stopping import Interrupted, RunStopped, handling_stop_signals
 from clpd_ray.runtime.tracking import Reporter, check_report_to
@@ -93,54 +103,50 @@ def _ship_by_value(policy: SchedulerPolicy) -> None:
         ray.cloudpickle.register_pickle_by_value(module)
 
 
-def check_tokenizers(config: Config, workload: Workload) -> None:
+def check_tokenizers(
+    config: Config, workload: Workload | None = None, *, named_checked: bool = False
+) -> None:
+    """Token-level KD needs one token map for the student and every teacher: stop with
+    :class:`TokenizerMismatchError` (exit 2) otherwise. Sequence-level KD needs none.
+
+    Without ``workload`` (before it is built: before any teacher is trained and before the run
+    directory exists) the tokenizers the config names are compared: teachers' checkpoints and
+    ``tokenizer`` keys against the shared one (models.shared_tokenizer_source). With it, every
+    teacher of the ladder, or with ``named_checked`` only those the config names no tokenizer
+    for (trained with the shared one)."""
     if config.distill.objective != "token":
         return
-    for entry in workload.ladder:
-        check_same_vocab(
-            workload.tokenizer, load_tokenizer(entry.path), teacher_name=f"teacher {entry.name}"
-        )
-
-
-def _check_causal_lm(key: str, path: str | Path, model_config: Any) -> None:
-    """Distillation needs next-token logits: refuse an encoder-decoder or encoder checkpoint
-    (a T5 directory, say) before any actor tries to load it."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    kind = getattr(model_config, "model_type", None)
-    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ModelLoadError(
-            f"{key}: {path} is a {kind!r} model, which AutoModelForCausalLM cannot load: "
-            "teachers and the student must be decoder-only causal LMs (GPT-2, Llama, Qwen, ...); "
-            "give such a checkpoint"
-        )
+    specs = {s.name: s for s in config.teachers.ladder}
+    if workload is not None:
+        for entry in workload.ladder:
+            spec = specs.get(entry.name)
+            if named_checked and spec is not None and (spec.path or spec.tokenizer):
+                continue  # compared before the workload was built
+            check_same_vocab(
+                workload.tokenizer, load_tokenizer(entry.path), teacher_name=f"teacher {entry.name}"
+            )
+        return
+    found = shared_tokenizer_source(config)
+    shared = found[1] if found else None
+    student = build_char_tokenizer() if shared is None else load_tokenizer(shared)
+    for spec in config.teachers.ladder:
+        source = spec.path or spec.tokenizer
+        if source is None or source == shared:
+            continue
+        check_same_vocab(student, load_tokenizer(source), teacher_name=f"teacher {spec.name}")
 
 
 def _check_model(key: str, path: str | Path) -> None:
-    """Cheap driver-side check that ``path`` loads: its config, and the headers of its weights."""
+    """Cheap driver-side check that ``path`` loads: its config (preflight), and the headers of
+    its weights."""
     from safetensors import safe_open
-    from transformers import AutoConfig
 
     fix = (
         "give a directory written by save_pretrained (config.json + model.safetensors) or a hub "
         "id available offline"
     )
+    load_model_config(key, path)
     local = Path(path).expanduser()
-    if local.exists() or local.is_absolute() or str(path).startswith((".", "~")):
-        if not local.exists():
-            raise ModelLoadError(f"{key}: {path} does not exist; {fix}")
-        if not (local / "config.json").is_file():
-            raise ModelLoadError(
-                f"{key}: {path} has no config.json, so it is not a saved model; {fix}"
-            )
-    try:
-        model_config = AutoConfig.from_pretrained(str(path))
-    except Exception as err:  # transformers raises OSError, ValueError, ... by case
-        why = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise ModelLoadError(
-            f"{key}: cannot load a model from {path} ({type(err).__name__}: {why}); {fix}"
-        ) from None
-    _check_causal_lm(key, path, model_config)
     if not local.is_dir():
         return  # a hub id: transformers checks the rest when the actor loads it
     shards = sorted(local.glob("*.safetensors"))
@@ -156,16 +162,33 @@ def _check_model(key: str, path: str | Path) -> None:
     if not shards and not any(
         (local / n).exists() for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")
     ):
-        raise ModelLoadError(f"{key}: {path} has a config.json but no weights; {fix}")
+        raise ModelLoadError(
+            f"{key}: {path} has a config.json but no weights; {download_hint(path)}"
+        )
 
 
-def check_models(config: Config) -> None:
-    """Every model path in the config loads (teachers trained by clpd are trusted)."""
-    for spec in config.teachers.ladder:
-        if spec.path:
-            _check_model(f"teachers.ladder[{spec.name}].path", spec.path)
-    if config.student.path:
-        _check_model("student.path", config.student.path)
+def check_models(config: Config, workload: Workload | None = None) -> None:
+    """Every model path in the config loads (teachers trained by clpd are trusted). With the
+    ``workload``: every model (built or loaded) reads the training rows' length (exit 2 naming
+    the model, its limit and train.max_length, instead of an IndexError at the first step)."""
+    if workload is None:
+        for spec in config.teachers.ladder:
+            if spec.path:
+                _check_model(f"teachers.ladder[{spec.name}].path", spec.path)
+        if config.student.path:
+            _check_model("student.path", config.student.path)
+        return
+    infos = inspect_models(config, load_tokenizers=False)
+    longest = workload.length_stats.get("longest")
+    if config.train.max_length is None and longest is not None:  # measured by the workload
+        length, source = (
+            longest,
+            f"the longest training example ({longest} tokens; train.max_length is unset)",
+        )
+    else:
+        rows = workload.train + workload.probe_pool
+        length, source = training_length(config, workload.tokenizer, rows)
+    check_lengths(infos, length, source)
 
 
 def _checked_inputs(
@@ -180,11 +203,19 @@ def _checked_inputs(
     the workload (data, teacher ladder, difficulty scores)."""
     address = resolve_address(config, address)
     check_address(address)  # seconds: an unreachable cluster or a refused token fails now
-    local = localise(config)  # s3:// model paths fetched for the driver's checks and workload
-    check_models(local)
-    workload = workload or build_workload(local, progress=progress)
-    check_tokenizers(local, workload)
-    check_stages(config, workload.scores, resolved.name, resolved.curriculum)
+    with phase("checking the models and tokenizers the config names", progress):
+        local = localise(config)  # s3:// model paths fetched for the driver's checks, workload
+        check_models(local)
+        early = workload is None
+        if early:
+            check_tokenizers(local)  # before any teacher is trained
+    if workload is None:  # data, and the teachers clpd trains (bars of their own)
+        with phase("loading the data and the teacher ladder", progress, heartbeat=False):
+            workload = build_workload(local, progress=progress)
+    with phase("checking tokenizers, lengths and curriculum stages", progress):
+        check_tokenizers(local, workload, named_checked=early)
+        check_models(local, workload)  # lengths, before any actor starts
+        check_stages(config, workload.scores, resolved.name, resolved.curriculum)
     return address, local, workload
 
 
@@ -206,8 +237,10 @@ def run_distillation(
     check_report_to(config.train.report_to)  # a missing tracker package: before anything is made
     RunDir.check_new(out_dir)  # before the (slow) workload: a taken --out fails at once
     address, local, workload = _checked_inputs(config, resolved, address, workload, progress)
-    placement = connect(config, address)
-    models = model_fingerprints(local, [e.path for e in workload.ladder])
+    with phase(_ray_phase(address), progress):
+        placement = connect(config, address)
+    with phase("fingerprinting the models", progress):
+        models = model_fingerprints(local, [e.path for e in workload.ladder])
     # Locked from creation to the end, however the run ends: a second run with the same --out
     # stops naming this one (runtime/lock.py).
     with run_lock(storage.resolve(out_dir)):
@@ -254,7 +287,8 @@ def resume_distillation(
         check_report_to(config.train.report_to)
         address, local, workload = _checked_inputs(config, resolved, address, workload, progress)
         resume.check_models(run_dir, plan, local, [e.path for e in workload.ladder])
-        placement = connect(config, address)
+        with phase(_ray_phase(address), progress):
+            placement = connect(config, address)
         resume.commit(run_dir, plan)  # drop damaged newer checkpoints, rewind, resumes.jsonl
         return _execute(
             config,
@@ -292,6 +326,10 @@ def _announce(launcher: Launcher, run_dir: str, address: str | None, progress: b
         print(text, file=sys.stderr, flush=True)
     else:
         _log.info("%s", text)
+
+
+def _ray_phase(address: str | None) -> str:
+    return "starting a local Ray" if address is None else f"joining the Ray cluster at {address}"
 
 
 def _max_recoveries() -> int:
@@ -376,7 +414,9 @@ def _train_and_summarise(
         # SIGINT/SIGTERM (stopping.py): ours again (ray.init set its own SIGTERM handler); while
         # the actors start, a stop at once; in training, at the next step boundary.
         with handling_stop_signals():
-            launcher.start(resolved, None)
+            with phase("starting the actors and loading their models", progress):
+                launcher.start(resolved, None)
+                launcher.locate()  # every actor's __init__ done: its models loaded
             _announce(launcher, run_dir.uri, address, progress)
             executor = Executor(
                 config,
@@ -407,6 +447,9 @@ def _train_and_summarise(
             "parameters": e.parameters,
         }
     result = stats.evaluation
+    predictions = result.get("predictions")
+    if predictions is not None:
+        run_dir.predictions(predictions)
     summary = {
         "run_id": launcher.run_id,
         "policy": resolved.name,
@@ -423,6 +466,17 @@ def _train_and_summarise(
         },
         "teachers": teachers,
         "stages": executor.summary_stages(),
+        # Rows used, held out and dropped (data.*), and examples cut or left out by length.
+        **({"data": workload.data_stats} if workload.data_stats else {}),
+        **({"lengths": workload.length_stats} if workload.length_stats else {}),
+        # Sequence-level KD: per teacher, chains generated / cached / correct / accepted, and rate.
+        **(
+            {"sequence_kd": executor.summary_sequence_kd()}
+            if config.distill.objective == "sequence"
+            else {}
+        ),
+        # Token-level KD: bytes per distilled token sent vs full-vocabulary float32 logits.
+        **transport_entry(config, len(workload.tokenizer), [e.path for e in workload.ladder]),
         "busy_s": {k: round(v, 3) for k, v in stats.busy_s.items()},
     }
     summary = json.loads(json.dumps(summary))  # the dict callers get equals summary.json

@@ -213,6 +213,12 @@ class RunDir:
         """A held-out evaluation during training (``train.eval_every``)."""
         self._append("eval.jsonl", row)
 
+    def predictions(self, rows: list[dict[str, Any]]) -> str:
+        """The final evaluation's per-example predictions (``eval/predictions.jsonl``)."""
+        uri = self._at("eval", "predictions.jsonl")
+        storage.write_text(uri, "".join(json.dumps(r) + "\n" for r in rows))
+        return uri
+
     def summary(self, payload: dict[str, Any]) -> None:
         storage.write_text(self._at("summary.json"), json.dumps(payload, indent=2))
 

@@ -172,8 +172,10 @@ class Launcher:
         c = self.config
         n = len(self.names)
         student_name = self.actor_name("student")
+        student_cls = _reporting_init_errors(StudentTrainer, student_name, self.tokenizer_dir)
         student: Any = (
-            ray.remote(_reporting_init_errors(StudentTrainer, student_name, self.tokenizer_dir))
+            # Probes run on their own thread, on a snapshot of the weights the student holds.
+            ray.remote(concurrency_groups={"probe": 1})(student_cls)  # type: ignore[call-overload]
             .options(
                 **self._options(
                     n, student_name, max_restarts=STATEFUL_MAX_RESTARTS, max_task_retries=0
@@ -186,8 +188,7 @@ class Launcher:
             SchedulerService, scheduler_name, f"policy {c.scheduler.policy}"
         )
         scheduler: Any = (
-            # Probes run on their own thread: decide() never waits behind a probe.
-            ray.remote(concurrency_groups={"probe": 1})(scheduler_cls)  # type: ignore[call-overload]
+            ray.remote(scheduler_cls)
             .options(
                 **self._options(
                     n + 1, scheduler_name, max_restarts=STATEFUL_MAX_RESTARTS, max_task_retries=0
@@ -199,8 +200,6 @@ class Launcher:
                 num_stages=c.curriculum.num_stages,
                 teacher_names=self.names,
                 total_steps=c.train.total_steps,
-                student_spec=c.student,
-                tokenizer_dir=self.tokenizer_dir,
                 run_id=self.run_id,
             )
         )
@@ -243,6 +242,10 @@ class Launcher:
                 top_k=self.config.teachers.top_k,
                 temperature=self.config.distill.temperature,
                 run_id=self.run_id,
+                student_tokenizer_dir=self.tokenizer_dir,  # sequence-level KD re-tokenizes with it
+                dtype=self.config.teachers.dtype,
+                micro_batch=self.config.teachers.micro_batch,
+                target_dtype=self.config.teachers.target_dtype,
             )
         )
 

@@ -2,7 +2,13 @@
 
 ``train_step`` takes a batch and the current teacher's top-k targets (token-level KD), several
 teachers' targets with weights (a soft teacher mixture), or a teacher-generated batch
-(sequence-level KD, hard cross-entropy). Checkpoints hold everything a restart needs: model,
+(sequence-level KD, hard cross-entropy). Targets arrive compact: top-k rows at the scored
+positions only (messages.TeacherTargets). A step runs ``train.grad_accum`` micro-batches; each
+keeps the body's hidden states at its scored positions and applies the vocabulary projection and
+the loss ``distill.loss_chunk`` positions at a time (distill/chunked.py), so the
+(positions x vocabulary) logits never exist for the whole batch. Weights and optimizer state are
+float32; ``train.precision`` sets the autocast of forward and backward (fp16 adds a gradient
+scaler). Checkpoints hold everything a restart needs: model,
 optimizer, LR schedule, step and RNG state; the actor writes them (and the final model) to the
 run's storage itself, from its own node, so no node needs to see another's disk.
 """
@@ -10,26 +16,32 @@ run's storage itself, from its own node, so no node needs to see another's disk.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel
 
 from clpd_ray.config import Config
-from clpd_ray.data.example import Example
+from clpd_ray.data.batching import encode_examples
+from clpd_ray.data.example import AnswerExtractor, Example
+from clpd_ray.data.prompt_format import PromptFormat
 from clpd_ray.data.tokenizer import load_tokenizer
-from clpd_ray.distill.losses import hard_ce_loss, sparse_kd_loss
+from clpd_ray.distill.chunked import FlatTargets, chunked_distill_loss, output_head, used_width
 from clpd_ray.distill.models import count_parameters, make_model
+from clpd_ray.distill.probe import ProbeSet, run_probes
 from clpd_ray.distill.state import load_state_strict
 from clpd_ray.distill.training import evaluate_accuracy, make_optimizer
 from clpd_ray.errors import DivergedError
-from clpd_ray.messages import Batch, GeneratedBatch, StepResult, TeacherTargets
+from clpd_ray.messages import Batch, GeneratedBatch, ProbeResult, StepResult, TeacherTargets
 from clpd_ray.runtime import storage
 from clpd_ray.runtime.actors.device import assigned_gpu_ids, pick_device, set_threads
 from clpd_ray.runtime.metrics import RunMetrics
@@ -56,21 +68,42 @@ class StudentTrainer:
         self.vocab_size = len(self.tokenizer)
         self.busy_s = 0.0
         self.metrics = RunMetrics(run_id)
+        self.fmt = PromptFormat.from_config(config)
+        self.extractor = AnswerExtractor.from_config(config)
+        self._probe_sets: list[ProbeSet] = []
+        self._probe_max_new_tokens = 64
+        self._snapshots: dict[int, dict[str, torch.Tensor]] = {}
+        self._snapshot_seq = 0
+        self._probe_model: PreTrainedModel | None = None
+        self.probe_busy_s = 0.0
         self.reset()
 
     def reset(self) -> int:
         """The state before step 0: seeded model, fresh optimizer and LR schedule, seeded RNG.
 
-        ``__init__`` ends here, so a restarted actor and a reset one are the same.
+        ``__init__`` ends here, so a restarted actor and a reset one are the same. The weights
+        are float32 whatever the checkpoint stores (``train.precision`` only sets the autocast
+        of forward and backward), so AdamW updates and its state never round to bf16.
         """
         config = self.config
         torch.manual_seed(config.seed)
-        self.model = make_model(self.student_spec, self.tokenizer, seed=config.seed).to(self.device)  # type: ignore[arg-type]
+        model = make_model(self.student_spec, self.tokenizer, seed=config.seed)
+        self.model = model.to(device=self.device, dtype=torch.float32)  # type: ignore[call-arg]
+        if config.student.gradient_checkpointing:
+            _enable_activation_checkpointing(self.model)
         self.model.train()
+        # (body, output projection), or None: the logits need post-processing (soft-capping).
+        self._head = output_head(self.model)
         s = config.student
         self.opt, self.sched = make_optimizer(
             self.model, s.lr, config.train.total_steps, s.warmup_steps, s.weight_decay
         )
+        # fp16 autocast: scale the loss so small gradients survive; a step with inf/NaN
+        # gradients is skipped by the scaler (and the scale lowered), which is not divergence.
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=config.train.precision == "fp16"
+        )
+        self.skipped_steps = 0
         self.step = 0
         return self.step
 
@@ -81,39 +114,65 @@ class StudentTrainer:
             f"device={getattr(self, 'device', '?')})"
         )
 
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        precision = self.config.train.precision
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
     def _loss(
         self,
-        logits: torch.Tensor,
         batch: Batch,
-        targets: Sequence[TeacherTargets],
-        weights: Sequence[float],
-    ) -> tuple[torch.Tensor, float, float]:
-        """(total, kd part, ce part). No targets means sequence-level KD: hard CE only."""
+        rows: slice,
+        positions: slice,
+        targets: Sequence[tuple[np.ndarray, np.ndarray, float, float]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(KD sum, CE sum) over the scored positions of batch rows ``rows``, float32 scalars.
+
+        ``targets``: per teacher (logprobs (N, K), ids (N, K), temperature, weight) over the
+        whole batch's N scored positions; ``positions`` selects this micro-batch's share. No
+        targets means sequence-level KD: hard CE only. The vocabulary projection and the loss
+        run ``distill.loss_chunk`` positions at a time (distill/chunked.py).
+        """
         d = self.config.distill
-        logits = logits[..., : self.vocab_size]  # (B, T, V): drop padded embedding rows
-        mask = torch.as_tensor(batch.loss_mask, device=self.device)  # (B, T)
-        labels = torch.roll(torch.as_tensor(batch.input_ids, device=self.device), -1, dims=1)
-        if not targets:
-            ce = hard_ce_loss(logits, labels, mask)
-            return ce, 0.0, float(ce.detach())
-        kd = logits.new_zeros((), dtype=torch.float32)
-        for t, w in zip(targets, weights, strict=True):
-            kd = kd + w * sparse_kd_loss(
-                logits,
-                torch.as_tensor(t.logprobs, device=self.device),  # (B, T, K)
-                torch.as_tensor(t.ids, device=self.device),  # (B, T, K)
-                mask,
-                d.loss,
+        mask_np = np.asarray(batch.loss_mask[rows], dtype=bool)
+        width = used_width(batch.attention_mask[rows], mask_np)  # drop all-padding columns
+        ids = torch.as_tensor(batch.input_ids[rows, :width], device=self.device)  # (b, t)
+        attn = torch.as_tensor(batch.attention_mask[rows, :width], device=self.device)
+        mask = torch.as_tensor(mask_np[:, :width], device=self.device)  # (b, t)
+        labels = torch.roll(ids, -1, dims=1)[mask]  # (n,): position t predicts token t+1
+        flat = [
+            FlatTargets(
+                torch.as_tensor(lp[positions], device=self.device),  # (n, K)
+                torch.as_tensor(top[positions], device=self.device),  # (n, K)
+                temperature,
+                weight,
+            )
+            for lp, top, temperature, weight in targets
+        ]
+        with self._autocast():
+            if self._head is not None:
+                base, head = self._head
+                hidden = base(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+                rows_in: torch.Tensor = hidden[mask]  # (n, H)
+                project: Callable[[torch.Tensor], torch.Tensor] = head
+            else:  # post-processed logits: the model's own, for this micro-batch
+                logits = self.model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+                rows_in, project = logits[mask], _identity  # (n, V_padded)
+            return chunked_distill_loss(
+                rows_in,
+                project,
+                flat,
+                labels if (not flat or d.ce_weight > 0) else None,
+                vocab_size=self.vocab_size,  # drop padded embedding rows
+                chunk=d.loss_chunk,
+                kind=d.loss,
                 tail=d.tail,
                 beta=d.beta,
                 alpha=d.alpha,
-                temperature=t.temperature,
                 scale_by_t2=d.scale_by_t2,
             )
-        if d.ce_weight == 0:
-            return kd, float(kd.detach()), 0.0
-        ce = hard_ce_loss(logits, labels, mask)
-        return kd + d.ce_weight * ce, float(kd.detach()), float(ce.detach())
 
     def train_step(
         self,
@@ -121,49 +180,158 @@ class StudentTrainer:
         *targets: TeacherTargets,
         weights: Sequence[float] | None = None,
     ) -> StepResult:
-        """One optimizer step. Targets come from Ray already resolved (refs passed as arguments)."""
+        """One optimizer step over ``train.grad_accum`` micro-batches of the batch's rows.
+
+        Targets come from Ray already resolved (refs passed as arguments). Every micro-batch's
+        loss is divided by the whole batch's scored-token count, so the accumulated gradient,
+        and the update, equal those of one pass over the batch.
+        """
         start = time.perf_counter()
         if isinstance(batch, GeneratedBatch):
             batch = batch.batch
         if weights is None:
             weights = [1.0 / len(targets)] * len(targets) if targets else []
-        ids = torch.as_tensor(batch.input_ids, device=self.device)
-        attn = torch.as_tensor(batch.attention_mask, device=self.device)
-        logits = self.model(input_ids=ids, attention_mask=attn).logits  # (B, T, V)
-        loss, kd, ce = self._loss(logits, batch, targets, weights)
+        d = self.config.distill
+        loss_mask = np.asarray(batch.loss_mask, dtype=bool)
+        per_teacher = [
+            (*t.at_positions(loss_mask), t.temperature, w)
+            for t, w in zip(targets, weights, strict=True)
+        ]
+        tokens = batch.num_target_tokens
+        denom = float(max(tokens, 1))
+        ce_weight = d.ce_weight if targets else 1.0  # sequence-level KD: hard CE only
+        offsets = np.concatenate([[0], np.cumsum(loss_mask.sum(1))])  # row -> first position
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        kd_sum, ce_sum = 0.0, 0.0
+        n_rows = loss_mask.shape[0]
+        for part in np.array_split(np.arange(n_rows), min(self.config.train.grad_accum, n_rows)):
+            rows = slice(int(part[0]), int(part[-1]) + 1)
+            positions = slice(int(offsets[rows.start]), int(offsets[rows.stop]))
+            if positions.start == positions.stop and tokens:
+                continue  # nothing scored here: contributes nothing to the batch's gradient
+            kd, ce = self._loss(batch, rows, positions, per_teacher)
+            self.scaler.scale((kd + ce_weight * ce) / denom).backward()
+            kd_sum += float(kd.detach())
+            ce_sum += float(ce.detach())
+        kd_mean, ce_mean = kd_sum / denom, ce_sum / denom
+        loss = kd_mean + ce_weight * ce_mean
+        self.scaler.unscale_(self.opt)  # no-op unless fp16: clip the true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        finite_grad = bool(torch.isfinite(grad_norm))
+        if not (np.isfinite(loss) and (finite_grad or self.scaler.is_enabled())):
             # Stop before the optimizer writes NaN into every weight.
             self.opt.zero_grad(set_to_none=True)
-            raise DivergedError(diverged_message(self.config, batch.step, loss, kd, ce, grad_norm))
-        self.opt.step()
+            raise DivergedError(
+                diverged_message(
+                    self.config,
+                    batch.step,
+                    torch.tensor(loss),
+                    kd_mean if targets else 0.0,
+                    ce_mean,
+                    grad_norm,
+                )
+            )
+        if not finite_grad:
+            self.skipped_steps += 1  # fp16 overflow: the scaler skips it and lowers its scale
+        self.scaler.step(self.opt)
+        self.scaler.update()
         lr = float(self.sched.get_last_lr()[0])
-        self.sched.step()
+        with warnings.catch_warnings():  # a skipped fp16 step still advances the schedule
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.sched.step()
         self.step += 1
         elapsed = time.perf_counter() - start
         self.busy_s += elapsed
-        tokens = batch.num_target_tokens
-        self.metrics.student_step(float(loss.detach()), tokens / max(elapsed, 1e-9), lr)
+        kd_report = kd_mean if targets else 0.0
+        ce_report = ce_mean if (not targets or d.ce_weight > 0) else 0.0
+        self.metrics.student_step(
+            loss,
+            tokens / max(elapsed, 1e-9),
+            lr,
+            kd_loss=kd_report,
+            ce_loss=ce_report,
+            target_bytes={t.teacher: t.nbytes for t in targets},
+        )
         return StepResult(
             step=batch.step,
-            loss=float(loss.detach()),
-            kd_loss=kd,
-            ce_loss=ce,
+            loss=loss,
+            kd_loss=kd_report,
+            ce_loss=ce_report,
             lr=lr,
             tokens=tokens,
             busy_s=elapsed,
         )
 
     def evaluate(self, examples: Sequence[Example], max_new_tokens: int) -> dict:
+        """Answer accuracy of greedy generations, overall and by difficulty, with predictions."""
         return evaluate_accuracy(
-            self.model, self.tokenizer, examples, max_new_tokens=max_new_tokens
+            self.model,
+            self.tokenizer,
+            examples,
+            max_new_tokens=max_new_tokens,
+            fmt=self.fmt,
+            extractor=self.extractor,
         )
 
     def weights(self) -> dict[str, np.ndarray]:
         """The student's parameters as numpy arrays (zero-copy through the object store)."""
         return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
+
+    # ------------------------------------------------------------------ probes
+    # Probes run where the weights are: ``snapshot`` (in the actor's default group, so queued in
+    # order right after the step it measures) copies the weights on the device; ``probe`` (in
+    # the "probe" concurrency group, its own thread) measures that copy while training goes on.
+    # No weights cross the object store.
+
+    def set_probes(
+        self,
+        probe_sets: Sequence[Sequence[Example]],
+        teacher_probe_targets: Sequence[Sequence[TeacherTargets]],
+        max_new_tokens: int,
+    ) -> None:
+        """Per-stage probe sets, and ``teacher_probe_targets[i][s]``: teacher i's targets on set s."""
+        self._probe_sets = [
+            ProbeSet(
+                stage=s,
+                examples=tuple(examples),
+                encoded=encode_examples(self.tokenizer, examples, fmt=self.fmt),
+                teacher_targets=tuple(per_teacher[s] for per_teacher in teacher_probe_targets),
+            )
+            for s, examples in enumerate(probe_sets)
+        ]
+        self._probe_max_new_tokens = max_new_tokens
+
+    def snapshot(self) -> int:
+        """Keep a device-local copy of the current weights; returns its token for :meth:`probe`."""
+        if self._probe_model is None:  # made here, on the training thread, never while it trains
+            self._probe_model = copy.deepcopy(self.model).requires_grad_(False)
+            for p in self._probe_model.parameters():
+                p.grad = None
+        self._snapshot_seq += 1  # a token, not the step: a replay may probe the same step again
+        self._snapshots[self._snapshot_seq] = {
+            k: v.detach().clone() for k, v in self.model.state_dict().items()
+        }
+        return self._snapshot_seq
+
+    def probe(self, step: int, snapshot: int) -> tuple[ProbeResult, ...]:
+        """Measure the :meth:`snapshot` taken after ``step`` on every probe set (the token is
+        passed as an ObjectRef, so Ray starts this only once the snapshot exists)."""
+        start = time.perf_counter()
+        weights = self._snapshots.pop(snapshot)
+        assert self._probe_model is not None
+        load_state_strict(self._probe_model, weights, what=f"the student's weights at step {step}")
+        del weights
+        results = run_probes(
+            self._probe_model,
+            self.tokenizer,
+            self._probe_sets,
+            max_new_tokens=self._probe_max_new_tokens,
+            fmt=self.fmt,
+            extractor=self.extractor,
+        )
+        self.probe_busy_s += time.perf_counter() - start
+        self.metrics.probe(results, [t.teacher for t in self._probe_sets[0].teacher_targets])
+        return results
 
     def save_pretrained(self, uri: str | Path) -> str:
         """Save model + tokenizer to ``uri`` (the run's ``student/``), from this node."""
@@ -192,6 +360,8 @@ class StudentTrainer:
                 "scheduler": self.sched.state_dict(),
                 "torch_rng": torch.get_rng_state(),
             }
+            if self.scaler.is_enabled():  # fp16: the loss scale is training state too
+                extra["grad_scaler"] = self.scaler.state_dict()
             if self.device.type == "cuda":
                 extra["cuda_rng"] = torch.cuda.get_rng_state(self.device)
             torch.save(extra, tmp / "student_optim.pt")
@@ -226,6 +396,8 @@ class StudentTrainer:
             )
         self.opt.load_state_dict(extra["optimizer"])
         self.sched.load_state_dict(extra["scheduler"])
+        if "grad_scaler" in extra and self.scaler.is_enabled():
+            self.scaler.load_state_dict(extra["grad_scaler"])
         torch.set_rng_state(extra["torch_rng"].cpu())
         if "cuda_rng" in extra and self.device.type == "cuda":
             torch.cuda.set_rng_state(extra["cuda_rng"].cpu(), self.device)
@@ -236,6 +408,7 @@ class StudentTrainer:
         return {
             "step": self.step,
             "busy_s": self.busy_s,
+            "probe_busy_s": self.probe_busy_s,
             "parameters": count_parameters(self.model),
         }
 
@@ -285,3 +458,17 @@ def diverged_message(
         f"its gradient norm {float(grad_norm):g}: not finite, so the step was not applied and the "
         f"run stops with its last checkpoint intact; likely cause: {likely}"
     )
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each layer's activations in the backward (transformers' own checkpointing)."""
+    kwargs = {"use_reentrant": False}  # reentrant checkpoints drop grads of no-grad inputs
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
