@@ -66,10 +66,17 @@ def _table(summary: dict) -> str:
             student["accuracy_by_difficulty"],
         )
     )
+    if "full_chain" in student:  # the whole chain of thought right, not just the answer
+        lines.append(
+            row("  full chain", None, student["full_chain"], student["full_chain_by_difficulty"])
+        )
     for name, t in summary["teachers"].items():
         lines.append(
             row(name, t.get("parameters"), t.get("accuracy"), t.get("accuracy_by_difficulty"))
         )
+    if "floor" in student:  # what always giving the most common answer scores
+        floor = f"floor '{student['floor_answer']}'"
+        lines.append(row(floor[:13], None, student["floor"], student.get("floor_by_difficulty")))
     return "\n".join(lines)
 
 
@@ -84,8 +91,11 @@ def _print_result(summary: dict, out: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace, config_path: str | Path | None) -> int:
-    from clpd_ray.runtime.run import resume_distillation, run_distillation
-    from clpd_ray.runtime.storage import resolve
+    from clpd_ray.runtime.phases import phase
+
+    with phase("loading torch, transformers and Ray"):
+        from clpd_ray.runtime.run import resume_distillation, run_distillation
+        from clpd_ray.runtime.storage import resolve
 
     resume = getattr(args, "resume", None)
     if resume is not None:
@@ -167,23 +177,24 @@ def cmd_ladder(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from clpd_ray.ablation.arms import DEFAULT_ARMS, parse_arms
+    from clpd_ray.ablation.arms import DEFAULT_ARMS, parse_arms, parse_seeds, split_arms
     from clpd_ray.ablation.runner import run_ablation
 
-    if args.seeds < 1:
-        raise ClpdError(f"--seeds {args.seeds}: an ablation needs at least one seed per arm")
+    seeds = parse_seeds(args.seeds)
     config = _load(args.config, args.set or [], args.quick)
-    names = args.arms.split(",") if args.arms is not None else list(DEFAULT_ARMS)
+    names = split_arms(args.arms) if args.arms is not None else list(DEFAULT_ARMS)
     arms = parse_arms(names, config, single_teachers=args.single_teachers)
     out = (
         Path(args.out) if args.out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-ablation"
     )
-    summary = run_ablation(
-        config, out, arms, range(args.seeds), parallel=args.parallel, address=args.address
-    )
+    summary = run_ablation(config, out, arms, seeds, parallel=args.parallel, address=args.address)
+    floor = summary.get("floor")
     for arm, a in summary["arms"].items():
         ci = "n/a" if a["ci95"] is None else f"[{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
-        print(f"{arm:<24} n={a['n']}  accuracy {a['mean']:.3f}  95% CI {ci}")
+        chain = f"  full chain {a['full_chain']['mean']:.3f}" if "full_chain" in a else ""
+        print(f"{arm:<24} n={a['n']}  accuracy {a['mean']:.3f}  95% CI {ci}{chain}")
+    if floor:
+        print(f"{'floor':<24} always answering {floor['answer']!r}: {floor['floor']:.3f}")
     print(f"\nreport: {out / 'report.md'} (resume or extend: rerun with --out {out})")
     return 0
 
@@ -344,17 +355,40 @@ def build_parser() -> argparse.ArgumentParser:
         "ablate",
         "run arms x seeds on the same data and teachers; resumable; then report",
         "clpd ablate configs/ablation.yaml --seeds 5 --out runs/ablation",
-        "clpd ablate configs/ablation.yaml --arms clpd,fixed --single-teachers --quick",
+        "clpd ablate configs/ablation.yaml --arms clpd,sft,standard_kd --seeds 5-9",
+        "clpd ablate configs/ablation.yaml --arms 'clpd@boundaries=[300,600],sft' --seeds 0,2,4",
+        "clpd ablate configs/ablation.yaml --arms 'kd-T2=standard_kd@distill.temperature=2'",
+        "clpd ablate configs/ablation.yaml --arms clpd,adaptive --set train.eval_every=100",
+        "clpd ablate configs/ablation.yaml --arms clpd --single-teachers --quick",
+    )
+    ab.epilog = (
+        "arms: [LABEL=]BASE[@KEY=VALUE...], comma-separated (commas inside [...] stay in a value)\n"
+        "  BASE   a built-in policy (standard_kd, data_only, teacher_only, clpd,\n"
+        "         random_curriculum, adaptive); sft: no teacher, cross-entropy on the gold\n"
+        "         chains, same batches and budget; single:<teacher>: standard KD from that rung\n"
+        "  KEY    a policy kwarg (no dot, e.g. boundaries=[300,600], patience=3) or a dotted\n"
+        "         config key as --set takes it (student.lr=0.001, distill.temperature=2,\n"
+        "         curriculum.replay=0.2); data.*, task.*, teachers.ladder, seed and\n"
+        "         scheduler.policy/kwargs are shared by all arms and cannot differ\n"
+        "  LABEL  the arm's name in the results (default: the spec itself)\n"
+        "learning curves: --set train.eval_every=N evaluates every run on the held-out set every\n"
+        "  N steps; the report plots them per arm with a 95% band\n\n" + (ab.epilog or "")
     )
     ab.add_argument(
         "config", help="the YAML config every arm starts from, e.g. configs/ablation.yaml"
     )
     ab.add_argument(
         "--arms",
-        help="comma-separated built-in policies and single:<teacher> arms (default: the six "
-        "built-ins)",
+        metavar="SPEC,...",
+        help="comma-separated arm specs (see 'arms' below; default: the six built-in policies)",
     )
-    ab.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per arm (default 3)")
+    ab.add_argument(
+        "--seeds",
+        default="3",
+        metavar="N|A-B|S,S,...",
+        help="N: seeds 0..N-1; A-B: seeds A..B; or a comma list such as 0,2,4 or 0-4,10 "
+        "(default 3: seeds 0, 1, 2)",
+    )
     ab.add_argument(
         "--single-teachers",
         action="store_true",

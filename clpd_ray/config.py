@@ -227,6 +227,16 @@ class TeachersConfig(_Strict):
     micro_batch: int = Field(8, ge=1)
     # Precision of the top-k log-probabilities sent to the student (ids are int32).
     target_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    # Per-example top-k targets, stored and reused (runtime/target_store.py). Unset: in the run's
+    # storage (<run>/targets, kept across restarts and --resume); a local path or s3:// URI: a
+    # store shared by every run that names it (ablation arms and seeds reuse each other's
+    # targets); "off": no store, each batch computed as a whole, micro_batch rows per forward
+    # pass. With a store each example is computed alone (the same forward pass whatever batch it
+    # is in), so a stored target is bit-for-bit what any batch would get.
+    target_store: str | None = None
+    # Teachers whose stage has not come yet compute their future examples' targets into the
+    # store, in the sampler's order, one batch at a time between the run's requests.
+    work_ahead: bool = True
 
 
 class StudentConfig(ModelSpec):
@@ -238,7 +248,10 @@ class StudentConfig(ModelSpec):
 
 
 class DistillConfig(_Strict):
-    objective: Literal["token", "sequence"] = "token"
+    # token: the teacher's top-k distribution per token; sequence: the teacher's generated chain
+    # (below); sft: no teacher at all, hard cross-entropy on the reference chain of thought (the
+    # no-teacher baseline: the `sft` arm of `clpd ablate`).
+    objective: Literal["token", "sequence", "sft"] = "token"
     loss: LossKind = "fkl"
     beta: float = Field(0.5, gt=0, lt=1)
     alpha: float = Field(0.1, ge=0, lt=1)

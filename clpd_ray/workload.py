@@ -30,7 +30,7 @@ from clpd_ray.data.batching import fit_examples, tokenize_rows
 from clpd_ray.data.example import AnswerExtractor, Example
 from clpd_ray.data.loaders import hold_out, load_examples, train_eval_split
 from clpd_ray.data.prompt_format import PromptFormat
-from clpd_ray.data.task import generate_examples
+from clpd_ray.data.task import generate_examples, held_out_split
 from clpd_ray.data.tokenizer import build_char_tokenizer, load_tokenizer
 from clpd_ray.distill.ladder import LadderEntry, ensure_ladder
 from clpd_ray.distill.models import load_causal_lm, shared_tokenizer_source
@@ -69,12 +69,34 @@ _Split = tuple[list[Example], list[Example], list[Example], dict[str, Any]]
 
 
 def _embedded(config: Config) -> _Split:
+    """(train, eval, probe pool, stats) of the embedded task.
+
+    The training rows are drawn as always; evaluation and probe problems are then drawn without
+    replacement from the problems training does not hold (data/task.py ``held_out_split``), so
+    they are disjoint from training and from each other. A difficulty with too few unseen
+    problems (k=1 has 300, all in a 20,000-row training set) is "seen": it is left out of
+    evaluation and probes, and ``stats["seen_difficulties"]`` (summary.json ``data``) names it.
+    """
     t = config.task
     train = generate_examples(t.train_size, t.max_difficulty, config.seed, "train")
-    held_out = generate_examples(t.eval_size, t.max_difficulty, config.seed, "eval")
-    probe = generate_examples(max(60, t.eval_size // 2), t.max_difficulty, config.seed, "probe")
-    stats = {"train_rows": len(train), "eval_rows": len(held_out), "probe_rows": len(probe)}
-    return train, held_out, probe, stats
+    try:
+        held = held_out_split(
+            train, t.max_difficulty, t.eval_size, max(60, t.eval_size // 2), config.seed
+        )
+    except ValueError as err:
+        raise ConfigError(
+            f"task: {err}; lower task.train_size (now {t.train_size}) or task.eval_size (now "
+            f"{t.eval_size}), or raise task.max_difficulty (now {t.max_difficulty})"
+        ) from None
+    stats = {
+        "train_rows": len(train),
+        "eval_rows": len(held.eval),
+        "probe_rows": len(held.probe),
+        "held_out_difficulties": list(held.levels),
+        "seen_difficulties": list(held.seen),  # every problem of these levels is in training
+        "unseen_problems": {str(k): n for k, n in held.unseen.items()},
+    }
+    return train, held.eval, held.probe, stats
 
 
 def _question_key(e: Example) -> str:

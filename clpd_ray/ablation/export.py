@@ -7,7 +7,8 @@ built from, then writes the report in ``dst``, so ``clpd report dst`` redoes eve
 figure from the export alone::
 
     src/ablation.json, results.jsonl                  ──▶ dst/ (same names)
-    src/runs/<arm>/seed-<s>/{config.yaml, summary.json, metrics.jsonl, decisions.jsonl}
+    src/runs/<arm>/seed-<s>/{config.yaml, summary.json, metrics.jsonl, decisions.jsonl,
+                             eval.jsonl (the learning curve, when train.eval_every is set)}
                                                       ──▶ dst/runs/<arm>/seed-<s>/
     write_report(dst)                                 ──▶ dst/summary.json, report.md, figures/
 
@@ -26,9 +27,9 @@ from clpd_ray.errors import ClpdError
 
 __all__ = ["RUN_FILES", "export_ablation"]
 
-# Per run: what the report reads (summary.json, metrics.jsonl, decisions.jsonl), and the
-# resolved config that says how the run was made.
-RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "decisions.jsonl")
+# Per run: what the report reads (summary.json, metrics.jsonl, decisions.jsonl, eval.jsonl),
+# and the resolved config that says how the run was made.
+RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "decisions.jsonl", "eval.jsonl")
 
 
 def export_ablation(src: str | Path, dst: str | Path) -> dict[str, Any]:

@@ -157,6 +157,33 @@ def fig_schedule(arm: str, runs: list[tuple[int, Path, int]], ladder: list[str],
     return _save(fig, path)
 
 
+def fig_learning_curves(curves: Mapping[str, Any], floor: float | None, path: Path) -> str:
+    """Held-out accuracy against step per arm: the mean over seeds and its 95% band."""
+    fig = Figure(figsize=(7.0, 4.2))
+    ax = fig.add_subplot()
+    for i, (arm, c) in enumerate(curves.items()):
+        color = f"C{i % 10}"
+        ax.plot(c["steps"], c["mean"], marker="o", ms=3, lw=1.3, color=color, label=arm)
+        band = [(s, ci) for s, ci in zip(c["steps"], c["ci95"], strict=True) if ci is not None]
+        if band:
+            ax.fill_between(
+                [s for s, _ in band],
+                [ci[0] for _, ci in band],
+                [ci[1] for _, ci in band],
+                color=color,
+                alpha=0.18,
+                lw=0,
+            )
+    if floor is not None:
+        ax.axhline(floor, color="0.3", ls=":", lw=1.0, label=f"floor {floor:.3f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title("learning curves: mean over seeds, 95% t-band")
+    ax.legend(fontsize=8)
+    _accuracy_axis(ax)
+    return _save(fig, path)
+
+
 def fig_teachers(teachers: Mapping[str, Any], path: Path) -> str | None:
     """Each teacher's own held-out accuracy by difficulty (from a run's summary.json)."""
     fig = Figure(figsize=(6.0, 3.8))
@@ -212,6 +239,7 @@ def _markdown(
         "- per seed, every arm has the same student initialisation and sampler seed; all runs "
         "share the same training data, held-out set and teachers",
         "- 95% intervals are Student-t over seeds and are not clipped to [0, 1]",
+        *_floor_note(summary.get("floor")),
         *_kwargs_note(cfg.get("scheduler", {})),
         "## Accuracy per arm",
         "",
@@ -237,6 +265,8 @@ def _markdown(
         cells = [_fmt(a["by_difficulty"].get(k, {}).get("mean")) for k in ks]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", f"![accuracy by difficulty]({figures['by_difficulty']})", ""]
+    lines += _full_chain_md(arms)
+    lines += _curves_md(summary.get("learning_curves") or {}, figures)
     lines += _comparisons_md(summary["comparisons"])
     single = summary.get("single_teacher") or {}
     if single:
@@ -273,6 +303,56 @@ def _markdown(
             f"{r['wall_s']:.1f} | [{r['run_dir']}]({r['run_dir']}) |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _floor_note(floor: Mapping[str, Any] | None) -> list[str]:
+    if not floor:
+        return []
+    return [
+        f"- floor: always answering {floor['answer']!r} scores {floor['floor']:.3f} on this "
+        "evaluation set (its most common answer); an accuracy at or below it shows no learning"
+    ]
+
+
+def _full_chain_md(arms: Mapping[str, Any]) -> list[str]:
+    with_chain = {a: v["full_chain"] for a, v in arms.items() if "full_chain" in v}
+    if not with_chain:
+        return []
+    lines = [
+        "## Full-chain exact match",
+        "",
+        "The whole generation equals the reference chain of thought and answer (whitespace "
+        "normalised): answer accuracy without lucky answers from wrong chains.",
+        "",
+        "| arm | n | mean | 95% CI (t) | answer accuracy |",
+        "|---|---:|---:|---|---:|",
+    ]
+    for arm, c in with_chain.items():
+        lines.append(
+            f"| {arm} | {c['n']} | {c['mean']:.3f} | {_ci(c['ci95'])} | {arms[arm]['mean']:.3f} |"
+        )
+    return [*lines, ""]
+
+
+def _curves_md(curves: Mapping[str, Any], figures: Mapping[str, str]) -> list[str]:
+    if not curves:
+        return []
+    lines = [
+        "## Learning curves",
+        "",
+        "Held-out accuracy every `train.eval_every` steps and at the end. AUC: mean accuracy "
+        "over the steps evaluated (trapezoid rule), per seed, then mean and 95% t-interval.",
+        "",
+        "| arm | n | AUC | 95% CI (t) | final mean |",
+        "|---|---:|---:|---|---:|",
+    ]
+    for arm, c in curves.items():
+        auc = c["auc"]
+        lines.append(
+            f"| {arm} | {auc['n']} | {auc['mean']:.3f} | {_ci(auc['ci95'])} | "
+            f"{c['mean'][-1]:.3f} |"
+        )
+    return [*lines, "", f"![learning curves]({figures['learning_curves']})", ""]
 
 
 def _kwargs_note(scheduler: Mapping[str, Any]) -> list[str]:
@@ -335,6 +415,11 @@ def write_report(out: str | Path) -> dict[str, Any]:
         "accuracy": fig_accuracy(summary, fig_dir / "accuracy.png"),
         "by_difficulty": fig_by_difficulty(summary, fig_dir / "accuracy_by_difficulty.png"),
     }
+    if summary.get("learning_curves"):
+        floor = (summary.get("floor") or {}).get("floor")
+        figures["learning_curves"] = fig_learning_curves(
+            summary["learning_curves"], floor, fig_dir / "learning_curves.png"
+        )
     for arm in SCHEDULE_ARMS:
         runs = [(r["seed"], out / r["run_dir"], r["steps"]) for r in rows if r["arm"] == arm]
         if runs:

@@ -13,8 +13,10 @@ on its own driver thread (``run_distillation`` blocks) with its own actor names:
 
 Output directory::
 
-    <out>/ablation.json   the base config, the ladder, and every (arm, seed) asked for so far
-          results.jsonl   a row per finished run (arm, seed, accuracy, accuracy_by_difficulty, ...)
+    <out>/ablation.json   the base config, the ladder, every arm's spec, and every (arm, seed)
+                          asked for so far
+          results.jsonl   a row per finished run (arm, seed, accuracy, accuracy_by_difficulty,
+                          floor, full_chain, learning curve when train.eval_every is set, ...)
           summary.json, report.md, figures/*.png  (clpd_ray.ablation.report; `clpd report <out>` redoes them)
           runs/<arm>/seed-<s>/                      run directories (clpd_ray.runtime.rundir)
 
@@ -22,7 +24,12 @@ Resuming: a run whose directory holds summary.json is finished and not redone; a
 without one is a run that was cut short and is deleted and redone. Each invocation runs the arms
 and seeds it is given, and may add some (``--seeds 5`` after ``--seeds 3``, a new arm); the
 results and report cover every finished run asked for so far. ``results.jsonl`` is rebuilt from
-the finished run directories, so it never holds a run twice.
+the finished run directories, so it never holds a run twice. An arm is known by its name (its
+label): asking for a name again with another spec is refused.
+
+Learning curves: with ``train.eval_every`` set, every run writes a held-out evaluation every N
+steps to its ``eval.jsonl``; its results row carries them as ``curve`` ([[step, accuracy], ...],
+ending with the final evaluation), which the report plots per arm with a band over seeds.
 """
 
 from __future__ import annotations
@@ -39,8 +46,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from clpd_ray.ablation.arms import Arm, parse_arms, run_config
-from clpd_ray.ablation.results import MANIFEST, RESULTS, read_results
+from clpd_ray.ablation.arms import Arm, parse_arm, run_config
+from clpd_ray.ablation.results import MANIFEST, RESULTS, read_jsonl, read_results
 from clpd_ray.config import Config
 from clpd_ray.errors import ClpdError
 from clpd_ray.runtime.rundir import write_json_atomic
@@ -49,6 +56,7 @@ __all__ = [
     "MANIFEST",
     "RESULTS",
     "PlannedRun",
+    "learning_curve",
     "plan_runs",
     "read_results",
     "run_ablation",
@@ -71,12 +79,25 @@ def plan_runs(arms: Sequence[Arm], seeds: Sequence[int]) -> list[PlannedRun]:
 
 
 def _with_earlier(
-    plan: list[PlannedRun], earlier: Sequence[tuple[str, int]], config: Config
+    plan: list[PlannedRun],
+    earlier: Sequence[tuple[str, int]],
+    config: Config,
+    specs: dict[str, str] | None = None,
 ) -> list[PlannedRun]:
     """This invocation's runs together with those asked for before, seed-major, arms in the
-    order they were first asked for."""
-    names = list(dict.fromkeys([*(a for a, _ in earlier), *(r.arm.name for r in plan)]))
-    arms = {a.name: a for a in parse_arms(names, config)}
+    order they were first asked for. ``specs``: arm name -> spec of the arms asked for before
+    (ablation.json ``arms``; a name missing there is its own spec)."""
+    specs = specs or {}
+    now = {r.arm.name: r.arm for r in plan}
+    for name, arm in now.items():
+        if name in specs and specs[name] != arm.source:
+            raise ClpdError(
+                f"arm {name!r} was {specs[name]!r} in this ablation before, now {arm.source!r}; "
+                f"give the new arm another label (LABEL=spec), or use a new --out"
+            )
+    names = list(dict.fromkeys([*(a for a, _ in earlier), *now]))
+    old = [n for n in names if n not in now]
+    arms = {**{a.name: a for a in _reparse(old, specs, config)}, **now}
     pairs = {*earlier, *((r.arm.name, r.seed) for r in plan)}
     rank = {n: i for i, n in enumerate(names)}
     return [
@@ -86,8 +107,33 @@ def _with_earlier(
     ]
 
 
-def _row(run: PlannedRun, summary: dict[str, Any]) -> dict[str, Any]:
+def _reparse(names: list[str], specs: dict[str, str], config: Config) -> list[Arm]:
+    arms = []
+    for name in names:
+        arm = parse_arm(specs.get(name, name), config)
+        arms.append(replace(arm, name=name) if arm.name != name else arm)
+    return arms
+
+
+def learning_curve(run_dir: Path, summary: dict[str, Any]) -> list[list[float]]:
+    """[[step, accuracy], ...] of a finished run: its ``eval.jsonl`` rows (``train.eval_every``)
+    then the final evaluation at ``summary["steps"]``; [] when the run has no eval.jsonl rows."""
+    path = run_dir / "eval.jsonl"
+    rows = read_jsonl(path) if path.is_file() else []
+    points = {int(r["step"]): float(r["accuracy"]) for r in rows}
+    if not points:
+        return []
+    points[int(summary["steps"])] = float(summary["student"]["accuracy"])
+    return [[s, points[s]] for s in sorted(points)]
+
+
+# Beside accuracy in summary.json's "student", copied to results rows when present.
+_EXTRA = ("floor", "floor_answer", "full_chain", "full_chain_by_difficulty")
+
+
+def _row(run: PlannedRun, summary: dict[str, Any], out: Path | None = None) -> dict[str, Any]:
     student = summary["student"]
+    curve = learning_curve(run.path(out), summary) if out is not None else []
     return {
         "arm": run.arm.name,
         "seed": run.seed,
@@ -101,12 +147,14 @@ def _row(run: PlannedRun, summary: dict[str, Any]) -> dict[str, Any]:
         "train_wall_s": summary["train_wall_s"],
         "run_dir": run.rel,
         "run_id": summary["run_id"],
+        **{k: student[k] for k in _EXTRA if k in student},
+        **({"curve": curve} if curve else {}),
     }
 
 
-def _check_manifest(out: Path, config: Config) -> list[tuple[str, int]]:
-    """The (arm, seed) runs asked for before in ``out``; refuses a directory made for another
-    config, or one that is not an ablation directory."""
+def _check_manifest(out: Path, config: Config) -> tuple[list[tuple[str, int]], dict[str, str]]:
+    """The (arm, seed) runs asked for before in ``out`` and the arms' specs; refuses a directory
+    made for another config, or one that is not an ablation directory."""
     manifest = out / MANIFEST
     if manifest.is_file():
         before = json.loads(manifest.read_text())
@@ -118,13 +166,14 @@ def _check_manifest(out: Path, config: Config) -> list[tuple[str, int]]:
                 f"{', '.join(diff[:8])}); finished runs would not be comparable: use the same "
                 f"config, --quick and --set as before, or a new --out"
             )
-        return [(str(a), int(s)) for a, s in before["runs"]]
+        specs = {str(k): str(v) for k, v in before.get("arms", {}).items()}
+        return [(str(a), int(s)) for a, s in before["runs"]], specs
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ClpdError(
             f"--out {out} exists and is not an ablation directory (no {MANIFEST}); choose a new "
             f"directory"
         )
-    return []
+    return [], {}
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -146,7 +195,7 @@ def _resume(
     for run in known:
         path = run.path(out)
         if (path / "summary.json").is_file():
-            rows.append(_row(run, json.loads((path / "summary.json").read_text())))
+            rows.append(_row(run, json.loads((path / "summary.json").read_text()), out))
             continue
         if (run.arm.name, run.seed) not in asked:
             continue
@@ -181,21 +230,28 @@ def run_ablation(
 
     if not seeds:
         raise ClpdError("an ablation needs at least one seed; pass --seeds N with N >= 1")
+    if len(set(seeds)) != len(seeds):
+        raise ClpdError(f"seeds {list(seeds)} name a seed more than once; list each once")
     if parallel is not None and parallel < 1:
         raise ClpdError(f"--parallel {parallel}: it must be >= 1")
     out = Path(out)
-    earlier = _check_manifest(out, config)
+    earlier, specs = _check_manifest(out, config)
     for arm in arms:  # a policy that cannot run this config fails now, before any actor starts
-        resolve_run_policy(run_config(config, arm, seeds[0]))
+        try:
+            resolve_run_policy(run_config(config, arm, seeds[0]))
+        except ClpdError as err:
+            raise ClpdError(f"arm {arm.source!r}: {err}") from None
     plan = plan_runs(arms, seeds)
-    known = _with_earlier(plan, earlier, config)
+    known = _with_earlier(plan, earlier, config, specs)
     out.mkdir(parents=True, exist_ok=True)
+    arm_specs = {**specs, **{a.name: a.source for a in arms}}
     write_json_atomic(
         out / MANIFEST,
         {
             "config": config.to_dict(),
             "ladder": [t.name for t in config.teachers.ladder],
             "data_seed": config.seed,
+            "arms": {r.arm.name: arm_specs.get(r.arm.name, r.arm.name) for r in known},
             "runs": [[r.arm.name, r.seed] for r in known],
         },
     )
@@ -307,7 +363,7 @@ def _run_threads(
                 errors.append((run, err or RuntimeError("run returned nothing")))
                 log(f"[failed] {run.arm.name} seed {run.seed}: {type(err).__name__}: {err}")
                 continue
-            row = _row(run, summary)
+            row = _row(run, summary, out)
             finished[(run.arm.name, run.seed)] = row
             # Appended as runs finish (so progress is on disk); rewritten in order at the end.
             with open(out / RESULTS, "a") as f:

@@ -7,6 +7,12 @@
 * :func:`holm` - Holm-Bonferroni adjusted p-values for a family of comparisons.
 * :func:`comparison_pairs` / :func:`summarise` - which comparisons an ablation reports, and the
   whole ``summary.json`` payload from the ``results.jsonl`` rows.
+* :func:`curve_auc`, :func:`steps_to`, :func:`learning_curves` - a run's learning curve
+  ([[step, accuracy], ...]) as one number (mean accuracy over the steps it covers, by the
+  trapezoid rule), the first step it reaches an accuracy, and per arm the mean and t-interval
+  at each step over seeds.
+* :func:`floor_of` - the floor (best constant answer's accuracy) the rows were evaluated
+  against; the same for every run of an ablation (one evaluation set).
 
 Degenerate cases give ``None`` (JSON ``null``), never NaN or infinity, so summary.json stays
 strict JSON: one seed has no interval; identical values have the zero-width interval
@@ -25,6 +31,8 @@ from typing import Any
 import numpy as np
 from scipy import stats as sps
 
+from clpd_ray.errors import ClpdError
+
 __all__ = [
     "CONFIDENCE",
     "TOL",
@@ -32,9 +40,13 @@ __all__ = [
     "Comparison",
     "cohens_dz",
     "comparison_pairs",
+    "curve_auc",
+    "floor_of",
     "holm",
+    "learning_curves",
     "mean_ci",
     "paired_compare",
+    "steps_to",
     "summarise",
 ]
 
@@ -179,6 +191,78 @@ def _by_seed(
     return out
 
 
+def curve_auc(curve: Sequence[Sequence[float]]) -> float | None:
+    """Mean accuracy over the steps a learning curve covers: the trapezoid area under
+    accuracy-vs-step divided by the step span (the accuracy itself for one point; None for
+    none). Curves on the same step grid (one ``train.eval_every``) compare directly."""
+    if not curve:
+        return None
+    steps = np.array([c[0] for c in curve], dtype=float)
+    acc = np.array([c[1] for c in curve], dtype=float)
+    if steps.size == 1:
+        return float(acc[0])
+    area = float(np.sum((steps[1:] - steps[:-1]) * (acc[1:] + acc[:-1]) / 2.0))
+    return area / float(steps[-1] - steps[0])
+
+
+def steps_to(curve: Sequence[Sequence[float]], accuracy: float) -> int | None:
+    """The first evaluated step whose accuracy is at least ``accuracy`` (None: never)."""
+    return next((int(s) for s, a in curve if a >= accuracy), None)
+
+
+def learning_curves(
+    rows: Sequence[Mapping[str, Any]], arms: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """Per arm with curves: ``steps``, and at each step ``mean``, ``ci95`` and ``n`` over the
+    seeds evaluated there; ``auc`` (:func:`curve_auc` per seed: mean, ci95, n, values)."""
+    out: dict[str, dict[str, Any]] = {}
+    for arm in arms:
+        curves = {int(r["seed"]): r["curve"] for r in rows if r["arm"] == arm and r.get("curve")}
+        if not curves:
+            continue
+        at: dict[int, list[float]] = {}
+        for curve in curves.values():
+            for step, acc in curve:
+                at.setdefault(int(step), []).append(float(acc))
+        steps = sorted(at)
+        stats = [mean_ci(at[s]) for s in steps]
+        seeds = sorted(curves)
+        aucs = [float(curve_auc(curves[s]) or 0.0) for s in seeds]
+        auc_mean, auc_ci = mean_ci(aucs)
+        out[arm] = {
+            "steps": steps,
+            "mean": [m for m, _ in stats],
+            "ci95": [c for _, c in stats],
+            "n": [len(at[s]) for s in steps],
+            "auc": {"mean": auc_mean, "ci95": auc_ci, "n": len(aucs), "seeds": seeds, "values": aucs},
+        }
+    return out
+
+
+def floor_of(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """``{"floor", "answer"}`` of the rows (None when no row has one); raises ClpdError when
+    runs disagree, i.e. were evaluated on different sets and are not comparable."""
+    seen = {(r["floor"], r.get("floor_answer")) for r in rows if r.get("floor") is not None}
+    if not seen:
+        return None
+    if len(seen) > 1:
+        raise ClpdError(
+            f"the runs report different floors {sorted(seen, key=str)}: they were evaluated on "
+            f"different evaluation sets, so their accuracies do not compare; report them apart"
+        )
+    floor, answer = seen.pop()
+    return {"floor": floor, "answer": answer}
+
+
+def _extra_metric(rows: Sequence[Mapping[str, Any]], arm: str, key: str) -> dict[str, Any] | None:
+    by_seed = {int(r["seed"]): float(r[key]) for r in rows if r["arm"] == arm and key in r}
+    if not by_seed:
+        return None
+    seeds = sorted(by_seed)
+    mean, ci = mean_ci([by_seed[s] for s in seeds])
+    return {"mean": mean, "ci95": ci, "n": len(seeds), "seeds": seeds}
+
+
 def summarise(
     rows: Sequence[Mapping[str, Any]],
     arms: Sequence[str] | None = None,
@@ -188,6 +272,9 @@ def summarise(
 
     ``arms.<arm>``: ``mean``, ``ci95`` ([low, high] or None), ``n``, ``seeds``, ``values`` and
     ``by_difficulty.<d>`` (the same per difficulty); ``comparisons``: :class:`Comparison` dicts.
+    Only when the rows carry them (runs made since they were recorded): ``arms.<arm>.full_chain``
+    (mean, ci95, n, seeds), ``floor`` (:func:`floor_of`) and ``learning_curves``
+    (:func:`learning_curves`).
     """
     arms = list(arms) if arms is not None else list(dict.fromkeys(r["arm"] for r in rows))
     out_arms: dict[str, Any] = {}
@@ -214,6 +301,9 @@ def summarise(
             "values": values,
             "by_difficulty": by_difficulty,
         }
+        full_chain = _extra_metric(rows, arm, "full_chain")
+        if full_chain is not None:
+            out_arms[arm]["full_chain"] = full_chain
     done = list(out_arms)
     single = {t: a for t, a in (single_arms or {}).items() if a in out_arms}
     comparisons = [
@@ -221,7 +311,7 @@ def summarise(
         for a, b in comparison_pairs(done, single)
     ]
     adjusted = holm([c.p_value for c in comparisons])
-    return {
+    out: dict[str, Any] = {
         "metric": "held-out exact-match accuracy",
         "confidence": CONFIDENCE,
         "arms": out_arms,
@@ -229,3 +319,10 @@ def summarise(
             replace(c, p_holm=p).to_dict() for c, p in zip(comparisons, adjusted, strict=True)
         ],
     }
+    floor = floor_of(rows)
+    if floor is not None:
+        out["floor"] = floor
+    curves = learning_curves(rows, done)
+    if curves:
+        out["learning_curves"] = curves
+    return out

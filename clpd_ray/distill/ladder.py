@@ -35,6 +35,7 @@ from clpd_ray.config import Config, TeacherSpec, check_path_name, default_cache_
 from clpd_ray.data.batching import encode_examples
 from clpd_ray.data.example import AnswerExtractor, Example
 from clpd_ray.data.prompt_format import PromptFormat
+from clpd_ray.data.task import HELD_OUT_SPLIT
 from clpd_ray.data.tokenizer import load_tokenizer
 from clpd_ray.distill.chunked import chunked_sum, output_head
 from clpd_ray.distill.losses import hard_ce_loss_flat
@@ -124,6 +125,8 @@ def teacher_cache_key(
             max_length=_max_length(config, spec),
             format=[config.data.chat_template, config.data.system_prompt],
         )
+    else:  # the embedded task's held-out set (its accuracy.json) is drawn this way
+        payload["held_out"] = HELD_OUT_SPLIT
     return _digest(payload)[:12]
 
 

@@ -3,14 +3,17 @@
 ``lm_loss`` is the supervised loss on reference targets; ``generate_texts`` is greedy or sampled
 decoding in the run's prompt format (plain or chat template), stopping at the eos / end of turn;
 ``evaluate_accuracy`` is exact-match accuracy overall and by difficulty (CoT step count), with
-every prediction returned.
+every prediction returned, beside the full-chain exact match (the whole generation is the
+reference chain of thought and answer) and the floor (:func:`answer_floor`: the accuracy of always
+giving the evaluation set's most common answer; multiplication mod 10 makes "0" common, so an
+accuracy means little until it clears this).
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +24,8 @@ from clpd_ray.data.example import AnswerExtractor, Example
 from clpd_ray.data.prompt_format import PromptFormat
 
 __all__ = [
+    "answer_floor",
+    "chain_matches",
     "evaluate_accuracy",
     "generate_texts",
     "lm_loss",
@@ -141,6 +146,31 @@ def generate_texts(
     return out
 
 
+def answer_floor(
+    examples: Sequence[Example], normalise: Callable[[str], str | None] | None = None
+) -> tuple[float, str | None]:
+    """(share, answer): the best constant answer on ``examples`` and the accuracy it scores.
+
+    The answer is the most common gold answer (after ``normalise``, e.g. an extractor's, so
+    "72.0" and "72" count as one); ties go to the smallest answer string, so the result does not
+    depend on the examples' order. ``(0.0, None)`` for no examples.
+    """
+    norm = normalise or (lambda a: a.strip())
+    counts = Counter(norm(e.answer) for e in examples)
+    counts.pop(None, None)
+    if not counts:
+        return 0.0, None
+    best = max(counts.values())
+    answer = min(a for a, c in counts.items() if c == best and a is not None)
+    return best / len(examples), answer
+
+
+def chain_matches(generation: str, target: str) -> bool:
+    """Full-chain exact match: the generation is the reference chain of thought and answer,
+    whitespace runs counted as one space and ends stripped."""
+    return " ".join(generation.split()) == " ".join(target.split())
+
+
 def evaluate_accuracy(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -154,8 +184,11 @@ def evaluate_accuracy(
     """Exact-match accuracy of greedy generations.
 
     Returns ``{"accuracy": float, "by_difficulty": {steps: acc}, "n": int, "predictions":
-    [{"prompt", "generation", "extracted", "gold", "correct", "steps"}, ...]}`` (predictions in
-    input order). ``extractor`` defaults to numbers after a ``#`` marker, no fallback.
+    [{"prompt", "generation", "extracted", "gold", "correct", "full_chain", "steps"}, ...]}``
+    (predictions in input order), and beside them ``full_chain`` / ``full_chain_by_difficulty``
+    (:func:`chain_matches` shares) and ``floor`` / ``floor_answer`` / ``floor_by_difficulty``
+    (:func:`answer_floor` of the examples, by the extractor's normalisation). ``extractor``
+    defaults to numbers after a ``#`` marker, no fallback.
     """
     extractor = extractor or AnswerExtractor()
     if max_new_tokens is None:
@@ -170,11 +203,16 @@ def evaluate_accuracy(
         batch_size=batch_size,
     )
     hits: dict[int, list[bool]] = defaultdict(list)
+    chains: dict[int, list[bool]] = defaultdict(list)
+    by_level: dict[int, list[Example]] = defaultdict(list)
     predictions = []
     for e, t in zip(examples, texts, strict=True):
         got = extractor.extract(t)
         ok = got is not None and got == extractor.normalise(e.answer)
+        chain = chain_matches(t, e.target)
         hits[e.steps].append(ok)
+        chains[e.steps].append(chain)
+        by_level[e.steps].append(e)
         predictions.append(
             {
                 "prompt": e.prompt,
@@ -182,13 +220,23 @@ def evaluate_accuracy(
                 "extracted": got,
                 "gold": e.answer,
                 "correct": ok,
+                "full_chain": chain,
                 "steps": int(e.steps),
             }
         )
     allhits = [h for v in hits.values() for h in v]
+    allchains = [c for v in chains.values() for c in v]
+    floor, floor_answer = answer_floor(examples, extractor.normalise)
     return {
         "accuracy": float(np.mean(allhits)) if allhits else 0.0,
         "by_difficulty": {int(k): float(np.mean(v)) for k, v in sorted(hits.items())},
         "n": len(allhits),
         "predictions": predictions,
+        "full_chain": float(np.mean(allchains)) if allchains else 0.0,
+        "full_chain_by_difficulty": {int(k): float(np.mean(v)) for k, v in sorted(chains.items())},
+        "floor": floor,
+        "floor_answer": floor_answer,
+        "floor_by_difficulty": {
+            int(k): answer_floor(v, extractor.normalise)[0] for k, v in sorted(by_level.items())
+        },
     }

@@ -57,6 +57,8 @@ from clpd_ray.errors import ClpdError, PolicyError
 from clpd_ray.messages import Batch, StepResult
 from clpd_ray.policies import SchedulerPolicy
 from clpd_ray.runtime.actors.launcher import Launcher
+from clpd_ray.runtime.metrics import RunMetrics
+from clpd_ray.runtime.phases import phase
 from clpd_ray.runtime.planner import Planner, StepPlan, probe_sets
 from clpd_ray.runtime.recovery import describe_failure, is_recoverable, wait_for_restarts
 from clpd_ray.runtime.rundir import RunDir
@@ -97,6 +99,7 @@ class RunStats:
     evaluation: dict = field(default_factory=dict)  # student.evaluate on the held-out set
     student: dict = field(default_factory=dict)  # student.stats
     busy_s: dict[str, float] = field(default_factory=dict)
+    target_store: dict[str, dict[str, int]] = field(default_factory=dict)  # teacher -> counts
 
 
 @dataclass
@@ -142,6 +145,7 @@ class Executor:
         self.resume_from = resume_from
         self.max_recoveries = max_recoveries
         self.recoveries = 0
+        self.prom = RunMetrics(launcher.run_id)  # driver-side Prometheus metrics (recoveries)
         self.inflight: deque[tuple[int, Any]] = deque()  # (step, train_step ref), in step order
         self.pending_checkpoints: deque[tuple[int, Any]] = deque()  # (step, student files ref)
         self.probe_refs: dict[int, Any] = {}  # probe step -> ref, until recorded
@@ -155,6 +159,10 @@ class Executor:
         self._sequence_refs: dict[int, Any] = {}
         self.sequence_counts: dict[int, dict[str, Any]] = {}
         self._last: tuple[str | None, dict] | None = None  # latest checkpoint and its state
+        # Work ahead (teachers.work_ahead): per idle teacher, its precompute requests in flight
+        # and how far along its future stage's stream it has been sent.
+        self._ahead_refs: dict[int, list[Any]] = {}
+        self._ahead_sent: dict[int, int] = {}
 
     @property
     def actors(self) -> Any:
@@ -272,14 +280,45 @@ class Executor:
             generated, counts = t.generate.options(num_returns=2).remote(batch_ref, settings)
             self._sequence_refs[plan.step] = counts
             refs = [generated]
+        elif self.c.distill.objective == "sft":
+            refs = []  # no teacher: the student trains on the batch's reference chains (hard CE)
         else:
             refs = [self.launcher.teacher(i).targets.remote(batch_ref) for i in plan.teachers]
-        for i, ref in zip(plan.teachers, refs, strict=True):
+        for i, ref in zip(plan.teachers, refs, strict=False):  # sft: no refs
             pending = self.teacher_refs.setdefault(i, [])
             pending.append(ref)
             if len(pending) > 4 * self.c.train.prefetch:  # keep only what may be in flight
                 del pending[: len(pending) - 2 * self.c.train.prefetch]
+        self._work_ahead(plan)
         return _Submitted(plan, batch_ref, refs)
+
+    def _work_ahead(self, plan: StepPlan) -> None:
+        """Keep each started teacher above the ones in use busy with the targets of its future
+        stage's examples (planner.ahead_stream), two batches at a time: a request for it later
+        waits behind at most those. Targets are per example, so this holds whatever step its
+        stage begins at (adaptive policies too)."""
+        if not self.c.teachers.work_ahead or self.c.teachers.target_store == "off":
+            return
+        if self.c.distill.objective != "token":
+            return
+        size = self.c.train.batch_size
+        for i in range(max(plan.teachers) + 1, len(self.planner.names)):
+            handle = self.actors.teachers[i]
+            if handle is None:  # not started (teachers.resident: needed): not started for this
+                continue
+            refs = self._ahead_refs.setdefault(i, [])
+            if refs:
+                done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+                refs[:] = [r for r in refs if r not in done]
+            stream, stage = self.planner.ahead_stream(i)
+            while len(refs) < 2:
+                idx = self.planner.upcoming(stream, self._ahead_sent.get(i, 0), size)
+                if idx.size == 0:
+                    break
+                self._ahead_sent[i] = self._ahead_sent.get(i, 0) + int(idx.size)
+                ref = handle.precompute.remote(self.planner.examples_batch(idx, stage))
+                refs.append(ref)
+                self.teacher_refs.setdefault(i, []).append(ref)
 
     def _policy_call(self, method: str, j: int, *args: Any) -> Any:
         """A call of the scheduler's policy, bounded by ``scheduler.timeout_s``."""
@@ -306,7 +345,11 @@ class Executor:
     def run(self) -> RunStats:
         """Train to ``total_steps`` (replaying from a checkpoint after a failure), then evaluate
         the student on the held-out set and save it to ``<out>/student``."""
-        self._setup_probes()
+        if self.planner.reads_probes:
+            with phase("scoring the probe sets with every teacher", self.progress):
+                self._setup_probes()
+        else:
+            self._setup_probes()
         start = time.perf_counter()
         if self.resume_from is not None:
             self._last = (self.resume_from, self.run_dir.read_checkpoint(self.resume_from))
@@ -315,6 +358,7 @@ class Executor:
             self.planner.reset()
             self._last = (None, self.planner.state_dict(0, policy_state))
         fresh = self.resume_from is None
+        self.prom.recoveries(self.recoveries)
         self._bar = tqdm(
             total=self.c.train.total_steps,
             desc=f"clpd {self.planner.policy_name}",
@@ -328,7 +372,10 @@ class Executor:
                     self._restore(ckpt, state, fresh=fresh)
                     self._train(int(state["step"]))
                     trained = time.perf_counter()
-                    stats = self._finish()
+                    self._bar.close()
+                    what = f"evaluating the student on {len(self.w.eval)} held-out examples and saving it"
+                    with phase(what, self.progress):
+                        stats = self._finish()
                     break
                 except Exception as err:
                     if not is_recoverable(err):
@@ -337,6 +384,7 @@ class Executor:
                     fresh = False
         finally:
             self._bar.close()
+            self.prom.close()
         stats.wall_s = trained - start  # training, replays included; not the final evaluation
         return stats
 
@@ -381,7 +429,7 @@ class Executor:
         if self.c.distill.objective == "sequence":
             ref = student.train_step.remote(sub.target_refs[0])
         else:
-            weights = list(plan.weights) if plan.weights else None
+            weights = list(plan.weights) if plan.weights and sub.target_refs else None
             ref = student.train_step.remote(sub.batch_ref, *sub.target_refs, weights=weights)
         self.inflight.append((plan.step, ref))
         done = plan.step + 1
@@ -406,16 +454,21 @@ class Executor:
         unwrap(actors.student.save_pretrained.remote(self.run_dir.student_dir()))
         student = unwrap(actors.student.stats.remote())
         busy = {"student": student["busy_s"], "student-probes": student["probe_busy_s"]}
+        teacher_stats: dict[str, dict[str, int]] = {}
         for name, h in zip(self.planner.names, actors.teachers, strict=True):
             if h is not None:
-                busy[f"teacher-{name}"] = unwrap(h.stats.remote())["busy_s"]
+                st = unwrap(h.stats.remote())
+                busy[f"teacher-{name}"] = st["busy_s"]
+                teacher_stats[name] = st.get("target_store", {})
         busy["scheduler"] = unwrap(actors.scheduler.stats.remote())["busy_s"]
+        store = {k: v for k, v in teacher_stats.items() if v}
         return RunStats(
             steps=self.c.train.total_steps,
             recoveries=self.recoveries,
             evaluation=evaluation,
             student=student,
             busy_s=busy,
+            target_store=store,
         )
 
     # ------------------------------------------------------------------ checkpoints
@@ -450,12 +503,14 @@ class Executor:
         self.pending_checkpoints = deque()
         self.eval_refs = {}
         self.teacher_refs = {}
+        self._ahead_refs = {}  # the store keeps what was computed; the stream offsets stay
         self.probe_refs = {int(p): self._probe(int(p)) for p in state["pending_probes"]}
         self.planner.start_clock(time.perf_counter())
 
     def _recover(self, err: BaseException) -> None:
         """After a lost actor: wait until Ray has restarted it; the loop then replays."""
         self.recoveries += 1
+        self.prom.recoveries(self.recoveries)
         ckpt, state = self._last or (None, {})
         if self.recoveries > self.max_recoveries:
             raise RuntimeError(

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from clpd_ray.config import Config
-from clpd_ray.curriculum.sampler import CurriculumSampler, split_stages
+from clpd_ray.curriculum.sampler import CurriculumSampler, _Stream, split_stages
 from clpd_ray.data.batching import encode_examples
 from clpd_ray.data.example import Example
 from clpd_ray.errors import RunDirError
@@ -229,6 +229,38 @@ class Planner:
         """Whether the student is probed after step j (every probe_every steps, not at the end)."""
         done = j + 1
         return self.reads_probes and done > 0 and done % self.probe_every == 0 and done < self.total
+
+    # ------------------------------------------------------------------ work ahead
+    def ahead_stream(self, teacher: int) -> tuple[str, int]:
+        """(sampler stream, stage) of the examples teacher ``teacher`` will see when its turn
+        comes: its own stage's stream (teacher k teaches stage k on a ladder; the last stage for
+        rungs past it), or the stream over all examples without a curriculum."""
+        if self.mode == "none":
+            return "all", 0
+        stage = min(teacher, len(self.stages) - 1)
+        return f"stage/{stage}", stage
+
+    def upcoming(self, stream: str, offset: int, count: int) -> np.ndarray:
+        """Example indices ``offset .. offset+count-1`` of ``stream`` counted from its current
+        position, in the order the sampler will serve them; the sampler does not move. Empty
+        past one epoch's worth (one pass covers every example of the pool)."""
+        streams = self.sampler._streams
+        known = stream in streams
+        live = self.sampler._stream(stream)
+        if not known:  # a stream not drawn from yet stays out of the sampler's state
+            del streams[stream]
+        count = min(count, live.pool.size - offset)
+        if count <= 0:
+            return np.zeros(0, dtype=np.int64)
+        ahead = _Stream(live.pool, live.key)
+        ahead.seek(live.epoch, live.position)
+        if offset:
+            ahead.take(offset)
+        return ahead.take(count)
+
+    def examples_batch(self, idx: np.ndarray, stage: int) -> Batch:
+        """A batch of the given training examples (step -1: not a training step)."""
+        return self._batch(-1, stage, idx)
 
     def _batch(self, j: int, stage: int, idx: np.ndarray) -> Batch:
         examples = [self.w.train[i] for i in idx]

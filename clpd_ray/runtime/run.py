@@ -58,6 +58,7 @@ from clpd_ray.runtime.preflight import (
 )
 from clpd_ray.runtime.rundir import RunDir
 from clpd_ray.runtime.stopping import Interrupted, RunStopped, handling_stop_signals
+from clpd_ray.runtime.target_store import store_location
 from clpd_ray.runtime.tracking import Reporter, check_report_to
 from clpd_ray.workload import Workload, build_workload
 
@@ -372,6 +373,7 @@ def _execute(
         run_id=run_id,
         name_suffix=name_suffix,
         placement=placement,
+        target_store=store_location(config, run_dir.uri),
     )
     _ship_by_value(resolved)
     reporter = Reporter.for_run(config, run_dir, run_id)  # run directory + train.report_to
@@ -463,6 +465,18 @@ def _train_and_summarise(
             "accuracy_by_difficulty": result["by_difficulty"],
             "n": result["n"],
             "parameters": stats.student["parameters"],
+            # Beside accuracy: the whole chain right, and the best constant answer's score.
+            **{
+                k: result[k]
+                for k in (
+                    "full_chain",
+                    "full_chain_by_difficulty",
+                    "floor",
+                    "floor_answer",
+                    "floor_by_difficulty",
+                )
+                if k in result
+            },
         },
         "teachers": teachers,
         "stages": executor.summary_stages(),
@@ -478,6 +492,8 @@ def _train_and_summarise(
         # Token-level KD: bytes per distilled token sent vs full-vocabulary float32 logits.
         **transport_entry(config, len(workload.tokenizer), [e.path for e in workload.ladder]),
         "busy_s": {k: round(v, 3) for k, v in stats.busy_s.items()},
+        # Teacher target store: per teacher, rows served from it / computed / computed ahead.
+        **({"target_store": stats.target_store} if stats.target_store else {}),
     }
     summary = json.loads(json.dumps(summary))  # the dict callers get equals summary.json
     reporter.summary(summary)

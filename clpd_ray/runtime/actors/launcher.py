@@ -108,8 +108,12 @@ class Launcher:
         run_id: str,
         name_suffix: str = "",
         placement: Placement | None = None,
+        target_store: str | None = None,
     ) -> None:
+        """``target_store``: the teachers' target store root (runtime/target_store.py), None
+        for none."""
         self.config = config
+        self.target_store = target_store
         self.teacher_dirs = teacher_dirs
         self.tokenizer_dir = tokenizer_dir
         self.run_id = run_id
@@ -246,6 +250,7 @@ class Launcher:
                 dtype=self.config.teachers.dtype,
                 micro_batch=self.config.teachers.micro_batch,
                 target_dtype=self.config.teachers.target_dtype,
+                target_store=self.target_store,
             )
         )
 

@@ -1,13 +1,20 @@
 """A teacher model as an inference service: top-k distillation targets and generated CoT.
 
 One instance per rung of the ladder. ``targets`` is idempotent (the same batch gives the same
-targets), so the launcher lets Ray retry it on a restarted actor. ``precompute`` lets a teacher the
-schedule will need later fill a cache with targets for its future stage's batches while it would
-otherwise sit idle; ``targets`` then answers from the cache.
+targets), so the launcher lets Ray retry it on a restarted actor.
+
+Target store (``teachers.target_store``; runtime/target_store.py): ``targets`` assembles a batch's
+targets from per-example entries and computes (and stores) only the missing rows, each example
+in a forward pass of its own, so an entry is the same bits whatever batch, call or run computed
+it. ``precompute`` is the same without the answer: the executor sends an idle teacher the
+examples its stage will draw, in the sampler's order, so most of its targets are ready when its
+stage begins.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,11 +32,14 @@ from clpd_ray.distill.compact import encode_logprobs
 from clpd_ray.distill.losses import topk_targets
 from clpd_ray.distill.models import load_causal_lm
 from clpd_ray.distill.sequence import ChainCache, SequenceSettings, chain_seed, chains_to_batch
+from clpd_ray.distill.target_store import Entry, join_rows, row_keys, teacher_key
 from clpd_ray.distill.training import evaluate_accuracy, generate_texts
 from clpd_ray.messages import Batch, GeneratedBatch, TeacherTargets
 from clpd_ray.runtime.actors.device import assigned_gpu_ids, pick_device, set_threads
+from clpd_ray.runtime.identity import model_fingerprint
 from clpd_ray.runtime.metrics import RunMetrics
 from clpd_ray.runtime.models_store import fetch
+from clpd_ray.runtime.target_store import TargetStore
 
 __all__ = ["TeacherService"]
 
@@ -53,15 +63,19 @@ class TeacherService:
         dtype: str = _TEACHERS["dtype"].default,
         micro_batch: int = _TEACHERS["micro_batch"].default,
         target_dtype: str = _TEACHERS["target_dtype"].default,
+        target_store: str | None = None,
     ) -> None:
         """``student_tokenizer_dir``: the student's tokenizer, which sequence-level KD re-tokenizes
         the generated chains with (None: the teacher's own). ``dtype``, ``micro_batch`` and
-        ``target_dtype`` are ``teachers.dtype`` / ``.micro_batch`` / ``.target_dtype``."""
+        ``target_dtype`` are ``teachers.dtype`` / ``.micro_batch`` / ``.target_dtype``.
+        ``target_store``: the store's root location (runtime/target_store.store_location), None
+        for no store."""
         set_threads(threads)
         self.name = name
         self.index = index
         self.device = pick_device()
         model_dir = fetch(model_dir)  # a storage URI: a node-local copy (models_store)
+        self._model_dir = Path(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
         self.model = load_causal_lm(model_dir, dtype).to(self.device).eval()  # type: ignore[arg-type]
         self.vocab_size = len(self.tokenizer)  # logits are sliced to it: padded rows never targets
@@ -73,7 +87,8 @@ class TeacherService:
         self._head = output_head(self.model)
         self._rows_per_chunk = max(1, _PROJECTION_ELEMENTS // self.vocab_size)
         self.metrics = RunMetrics(run_id)
-        self._cache: dict[int, tuple[int, TeacherTargets]] = {}  # step -> (batch key, targets)
+        self._store_root = target_store
+        self._store: TargetStore | None = None  # opened on first use (fingerprinting costs I/O)
         self.busy_s = 0.0
         self.bytes_sent = 0  # payload of the targets handed out (log-probabilities + ids)
         self.tokens_sent = 0  # scored positions they cover
@@ -148,22 +163,100 @@ class TeacherService:
             latency_s=elapsed,
         )
 
+    def fingerprint(self) -> str:
+        """sha256 of everything besides the settings that decides this teacher's targets: its
+        weights and model config, the dtype it runs in, its vocabulary, the device kind and the
+        torch version (kernels differ in their last bits across devices and versions)."""
+        h = hashlib.sha256()
+        h.update(str(model_fingerprint(self._model_dir)["sha256"]).encode())
+        config = self._model_dir / "config.json"
+        h.update(config.read_bytes() if config.is_file() else b"")
+        dtype = next(self.model.parameters()).dtype
+        kind = self.device.type
+        if self.device.type == "cuda":
+            kind += ":" + torch.cuda.get_device_name(self.device)
+        h.update(json.dumps([str(dtype), self.vocab_size, kind, torch.__version__]).encode())
+        return h.hexdigest()
+
+    def store(self) -> TargetStore | None:
+        """The target store (None when ``teachers.target_store`` is off)."""
+        if self._store is None and self._store_root is not None:
+            key = teacher_key(self.fingerprint(), self.top_k, self.temperature, self.target_dtype)
+            self._store = TargetStore(self._store_root, self.name, key)
+        return self._store
+
+    def _rows(self, batch: Batch, rows: Sequence[int]) -> list[Entry]:
+        """Targets of the given rows, each row in a forward pass of its own (trailing padding
+        cut): the same computation whatever batch the example came in."""
+        out = []
+        for r in rows:
+            one = slice(r, r + 1)
+            t = self._compute(
+                Batch(
+                    step=batch.step,
+                    stage=batch.stage,
+                    input_ids=batch.input_ids[one],
+                    attention_mask=batch.attention_mask[one],
+                    loss_mask=np.asarray(batch.loss_mask[one], dtype=bool),
+                    example_ids=np.asarray(batch.example_ids)[one],
+                )
+            )
+            out.append((t.logprobs, t.ids))
+        return out
+
+    def _from_store(self, store: TargetStore, batch: Batch) -> list[Entry]:
+        """Every row's entry: stored ones read, missing ones computed and stored."""
+        keys = row_keys(batch.example_ids, batch.input_ids, batch.attention_mask, batch.loss_mask)
+        found = store.get(keys)
+        todo: dict[str, int] = {}  # missing key -> its first row (a batch may repeat an example)
+        for r, (k, e) in enumerate(zip(keys, found, strict=True)):
+            if e is None:
+                todo.setdefault(k, r)
+        store.hits += len(keys) - len(todo)
+        store.misses += len(todo)
+        if todo:
+            computed = self._rows(batch, list(todo.values()))
+            store.put(list(todo), computed)
+            new = dict(zip(todo, computed, strict=True))
+            found = [e if e is not None else new[k] for k, e in zip(keys, found, strict=True)]
+        return [e for e in found if e is not None]
+
     def targets(self, batch: Batch) -> TeacherTargets:
-        """Top-k targets for ``batch`` (from the precompute cache when present)."""
-        cached = self._cache.pop(batch.step, None)
-        if cached is not None and cached[0] == _batch_key(batch):
-            out = cached[1]
-        else:
+        """Top-k targets for ``batch``: from the store where it has them, computed (and stored)
+        where not; without a store, the batch computed as a whole."""
+        store = self.store()
+        if store is None:
             out = self._compute(batch)
+        else:
+            start = time.perf_counter()
+            entries = self._from_store(store, batch)
+            lp_dtype = np.dtype(np.uint16 if self.target_dtype == "bfloat16" else self.target_dtype)
+            logprobs, ids = join_rows(entries, self.top_k, lp_dtype)
+            out = TeacherTargets(
+                teacher=self.name,
+                step=batch.step,
+                logprobs=logprobs,
+                ids=ids,
+                temperature=self.temperature,
+                latency_s=time.perf_counter() - start,
+            )
         self.bytes_sent += out.nbytes
         self.tokens_sent += out.logprobs.shape[0]
         return out
 
-    def precompute(self, batches: Sequence[Batch]) -> int:
-        """Compute and cache targets for future batches (idle-time work); returns the cache size."""
-        for b in batches:
-            self._cache[b.step] = (_batch_key(b), self._compute(b))
-        return len(self._cache)
+    def precompute(self, batch: Batch) -> int:
+        """Store the targets of ``batch``'s examples that are not stored yet (idle-time work
+        ahead); returns how many were computed (0 without a store)."""
+        store = self.store()
+        if store is None:
+            return 0
+        before = store.misses
+        self._from_store(store, batch)
+        done = store.misses - before
+        store.misses = before  # work ahead is not a request: neither a hit nor a miss
+        store.hits -= len(batch.example_ids) - done
+        store.ahead += done
+        return done
 
     def _student_tok(self) -> PreTrainedTokenizerBase:
         if self._student_tokenizer is None:
@@ -231,7 +324,7 @@ class TeacherService:
         return {
             "name": self.name,
             "busy_s": self.busy_s,
-            "cached": len(self._cache),
+            **({"target_store": self._store.stats()} if self._store is not None else {}),
             "bytes_sent": self.bytes_sent,
             "tokens_sent": self.tokens_sent,
             "logit_width": int(self.model.config.get_text_config().vocab_size),
@@ -242,8 +335,3 @@ class TeacherService:
 
     def ping(self) -> str:
         return self.name
-
-
-def _batch_key(batch: Batch) -> int:
-    """Which batch cached targets belong to (the step alone can repeat across replays)."""
-    return hash((batch.input_ids.tobytes(), np.asarray(batch.loss_mask).tobytes()))
