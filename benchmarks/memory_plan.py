@@ -6,7 +6,7 @@ For each model it prints, in GiB, what one actor holds at a micro-batch of ``--m
 of ``--length`` tokens, and the largest micro-batch that fits on 24, 80 and 141 GB GPUs:
 
 - teacher, bf16 inference: weights + one layer's activations + the logits of one chunk of
-  ``--loss-chunk`` positions (the top-k is taken chunk by chunk, distill/chunked.py);
+  2**25 logits (the teacher projects and takes the top-k chunk by chunk);
 - student, bf16 autocast with fp32 master weights and AdamW: weights, gradients and Adam moments
   in fp32, the bf16 weight copies autocast caches, activations (with and without gradient
   checkpointing) and the chunked KD loss over ``--loss-chunk`` positions.
@@ -68,6 +68,9 @@ CONFIGS: dict[str, dict[str, int | bool]] = {
     },
 }
 
+# A teacher projects and takes the top-k of at most this many logits at a time
+# (runtime/actors/teacher.py, _PROJECTION_ELEMENTS): 221 positions at V = 151,936.
+TEACHER_CHUNK_LOGITS = 1 << 25
 GPUS_GB = (24, 80, 141)
 _MAX_ROWS = 512  # the search for the largest micro-batch stops here
 # Of a GPU's memory, this share is usable by tensors: the CUDA context (~0.5-1 GiB), cuBLAS/NCCL
@@ -160,9 +163,10 @@ def plan(name: str, cfg: dict, micro_batch: int, length: int, loss_chunk: int) -
     # the MLP's three I-wide bf16 tensors + a few h-wide ones; the final hidden states of the
     # scored positions (bf16), and the logits of one chunk of them: bf16 from the head plus the
     # float32 copy topk_targets divides by T and takes the top-k of (2 + 4 B per logit).
+    t_chunk = min(max(1, TEACHER_CHUNK_LOGITS // s.vocab), tokens)
     t_w = 2 * p
     t_act = tokens * (3 * 2 * s.inter + 4 * 4 * s.h)
-    t_logits = tokens * 2 * s.h + chunk * s.vocab * (2 + 4)
+    t_logits = tokens * 2 * s.h + t_chunk * s.vocab * (2 + 4)
     # Student: fp32 master weights (4 B) + the bf16 copies autocast caches during a step (2 B),
     # fp32 gradients (4 B), AdamW exp_avg + exp_avg_sq (8 B): 18 B per parameter.
     s_w, s_g, s_adam = 6 * p, 4 * p, 8 * p

@@ -52,11 +52,14 @@ def _table(summary: dict) -> str:
     head = f"{'model':<14}{'params':>9}{'all':>7}" + "".join(f"{'k=' + str(d):>7}" for d in diffs)
     lines = [head, "-" * len(head)]
 
-    def row(name: str, params: int | None, acc: float | None, by: dict | None) -> str:
+    def row(
+        name: str, params: int | None, acc: float | None, by: dict | None, model: bool = True
+    ) -> str:
         by = {str(k): v for k, v in (by or {}).items()}
         cells = "".join(f"{by[str(d)]:>7.2f}" if str(d) in by else f"{'-':>7}" for d in diffs)
         a = f"{acc:>7.2f}" if acc is not None else f"{'-':>7}"
-        return f"{name:<14}{(params or 0):>9,}{a}{cells}"
+        size = f"{(params or 0):>9,}" if model else " " * 9  # a measure, not a model: no size
+        return f"{name:<14}{size}{a}{cells}"
 
     lines.append(
         row(
@@ -67,16 +70,16 @@ def _table(summary: dict) -> str:
         )
     )
     if "full_chain" in student:  # the whole chain of thought right, not just the answer
-        lines.append(
-            row("  full chain", None, student["full_chain"], student["full_chain_by_difficulty"])
-        )
+        chain = student["full_chain_by_difficulty"]
+        lines.append(row("  full chain", None, student["full_chain"], chain, model=False))
     for name, t in summary["teachers"].items():
         lines.append(
             row(name, t.get("parameters"), t.get("accuracy"), t.get("accuracy_by_difficulty"))
         )
     if "floor" in student:  # what always giving the most common answer scores
-        floor = f"floor '{student['floor_answer']}'"
-        lines.append(row(floor[:13], None, student["floor"], student.get("floor_by_difficulty")))
+        floor = f"floor '{student['floor_answer']}'"[:13]
+        by = student.get("floor_by_difficulty")
+        lines.append(row(floor, None, student["floor"], by, model=False))
     return "\n".join(lines)
 
 

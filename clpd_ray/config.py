@@ -227,16 +227,30 @@ class TeachersConfig(_Strict):
     micro_batch: int = Field(8, ge=1)
     # Precision of the top-k log-probabilities sent to the student (ids are int32).
     target_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
-    # Per-example top-k targets, stored and reused (runtime/target_store.py). Unset: in the run's
+    # Per-example top-k targets, stored and reused (runtime/target_store.py). Unset: none for a
+    # run (each batch computed whole, micro_batch rows per forward pass: what a GPU teacher is
+    # fastest at), one store shared by every arm and seed for `clpd ablate`; "run": in the run's
     # storage (<run>/targets, kept across restarts and --resume); a local path or s3:// URI: a
-    # store shared by every run that names it (ablation arms and seeds reuse each other's
-    # targets); "off": no store, each batch computed as a whole, micro_batch rows per forward
-    # pass. With a store each example is computed alone (the same forward pass whatever batch it
-    # is in), so a stored target is bit-for-bit what any batch would get.
+    # store shared by every run that names it; "off": none, also in an ablation. With a store
+    # each example is computed alone (the same forward pass whatever batch it is in), so a stored
+    # target is bit-for-bit what any batch would get, at the price of batching.
     target_store: str | None = None
     # Teachers whose stage has not come yet compute their future examples' targets into the
     # store, in the sampler's order, one batch at a time between the run's requests.
     work_ahead: bool = True
+
+    @field_validator("target_store", mode="before")
+    @classmethod
+    def _store_switch(cls, value: Any) -> Any:
+        # YAML reads a bare `off` / `no` as false and `on` / `yes` as true.
+        if isinstance(value, bool):
+            return None if value else "off"
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(
+                "is empty; give a local path or s3:// URI for a shared store, 'run' for "
+                "<run>/targets, 'off' for none, or leave it unset (none; shared in an ablation)"
+            )
+        return value
 
 
 class StudentConfig(ModelSpec):

@@ -30,7 +30,7 @@ from clpd_ray.data.batching import fit_examples, tokenize_rows
 from clpd_ray.data.example import AnswerExtractor, Example
 from clpd_ray.data.loaders import hold_out, load_examples, train_eval_split
 from clpd_ray.data.prompt_format import PromptFormat
-from clpd_ray.data.task import generate_examples, held_out_split
+from clpd_ray.data.task import TooFewProblems, generate_examples, held_out_split
 from clpd_ray.data.tokenizer import build_char_tokenizer, load_tokenizer
 from clpd_ray.distill.ladder import LadderEntry, ensure_ladder
 from clpd_ray.distill.models import load_causal_lm, shared_tokenizer_source
@@ -83,7 +83,7 @@ def _embedded(config: Config) -> _Split:
         held = held_out_split(
             train, t.max_difficulty, t.eval_size, max(60, t.eval_size // 2), config.seed
         )
-    except ValueError as err:
+    except TooFewProblems as err:
         raise ConfigError(
             f"task: {err}; lower task.train_size (now {t.train_size}) or task.eval_size (now "
             f"{t.eval_size}), or raise task.max_difficulty (now {t.max_difficulty})"

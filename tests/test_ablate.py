@@ -13,9 +13,18 @@ import yaml
 from conftest import TINY_LADDER
 from scipy import stats as sps
 
-from clpd_ray.ablation.arms import DEFAULT_ARMS, parse_arms, run_config, single_arm_map
+from clpd_ray.ablation.arms import (
+    DEFAULT_ARMS,
+    parse_arm,
+    parse_arms,
+    parse_seeds,
+    run_config,
+    single_arm_map,
+    split_arms,
+)
 from clpd_ray.ablation.runner import _run_threads, plan_runs, run_ablation
 from clpd_ray.cli import main
+from clpd_ray.data.task import HELD_OUT_SPLIT
 from clpd_ray.errors import ClpdError, ClusterError
 from clpd_ray.runtime.capacity import default_parallel, runs_that_fit
 
@@ -125,7 +134,11 @@ def test_finished_runs_are_read_not_redone_and_invocations_add_up(tmp_path, tiny
     for i, run in enumerate(plan):
         run.path(out).mkdir(parents=True)
         (run.path(out) / "summary.json").write_text(json.dumps(_fake_summary(0.1 * i)))
-    manifest = {"config": config.to_dict(), "runs": [[r.arm.name, r.seed] for r in plan]}
+    manifest = {
+        "config": config.to_dict(),
+        "eval_split": HELD_OUT_SPLIT,
+        "runs": [[r.arm.name, r.seed] for r in plan],
+    }
     (out / "ablation.json").write_text(json.dumps(manifest))
     mtimes = {r.rel: (r.path(out) / "summary.json").stat().st_mtime_ns for r in plan}
 
@@ -155,6 +168,12 @@ def test_finished_runs_are_read_not_redone_and_invocations_add_up(tmp_path, tiny
         "standard_kd",
     ]
     assert json.loads((out / "ablation.json").read_text())["runs"] == manifest["runs"]
+
+    # An ablation made before held-out problems were kept out of training is not extended.
+    manifest.pop("eval_split")
+    (out / "ablation.json").write_text(json.dumps(manifest))
+    with pytest.raises(ClpdError, match="another held-out set"):
+        run_ablation(config, out, arms, [0, 1], log=lines.append)
 
 
 @pytest.mark.parametrize(
@@ -200,6 +219,194 @@ def test_ablate_refuses_a_foreign_directory(tmp_path, tiny_config, capsys):
 def test_report_of_a_missing_directory_exits_2(tmp_path, capsys):
     assert main(["report", str(tmp_path / "none")]) == 2
     assert "results.jsonl does not exist" in capsys.readouterr().err
+
+
+# -- arm specs: policy + kwargs + overrides; seed lists --------------------------------------
+
+
+def test_arm_specs_with_kwargs_overrides_and_labels(tiny_config):
+    config = tiny_config("train.total_steps=30")
+    arm = parse_arm("clpd@boundaries=[10,20]", config)
+    assert (arm.name, arm.policy, arm.kwargs) == (
+        "clpd@boundaries=[10,20]",
+        "clpd",
+        {"boundaries": [10, 20]},
+    )
+    assert arm.overrides == () and arm.slug == "clpd_boundaries_10_20"
+    cfg = run_config(config, arm, 3)
+    assert (cfg.seed, cfg.scheduler.policy, cfg.scheduler.kwargs) == (
+        3,
+        "clpd",
+        {"boundaries": [10, 20]},
+    )
+
+    kd = parse_arm("kd-T2=standard_kd@distill.temperature=2@student.lr=0.001", config)
+    assert (kd.name, kd.policy, kd.kwargs, kd.teacher) == ("kd-T2", "standard_kd", {}, "t2")
+    assert kd.source == "kd-T2=standard_kd@distill.temperature=2@student.lr=0.001"
+    cfg = run_config(config, kd, 0)
+    assert (cfg.distill.temperature, cfg.student.lr) == (2.0, 0.001)
+    # Everything but the overridden keys, the seed and the policy is the base config's.
+    strip = {"seed", "scheduler", "distill", "student"}
+    assert {k: v for k, v in cfg.to_dict().items() if k not in strip} == {
+        k: v for k, v in config.to_dict().items() if k not in strip
+    }
+
+    sft = parse_arm("sft", config)
+    assert (sft.policy, sft.kwargs, sft.teacher) == ("standard_kd", {}, None)
+    assert run_config(config, sft, 0).distill.objective == "sft"
+    assert run_config(config, parse_arm("sft@student.lr=0.01", config), 0).student.lr == 0.01
+
+    one = parse_arm("single:t0@distill.temperature=2", config)
+    assert (one.kwargs, one.teacher) == ({"teacher": 0}, "t0")
+    arms = parse_arms(split_arms("clpd@boundaries=[10,20],sft,long=clpd@boundaries=[5,25]"), config)
+    assert [a.name for a in arms] == ["clpd@boundaries=[10,20]", "sft", "long"]
+
+
+def test_split_arms_keeps_commas_inside_brackets():
+    assert split_arms("a,b@x=[1,2],c@y={p: 1, q: 2}") == ["a", "b@x=[1,2]", "c@y={p: 1, q: 2}"]
+    assert split_arms("clpd") == ["clpd"] and split_arms("a,,b") == ["a", "", "b"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        ("clpd@boundaries=oops", "boundaries='oops'"),
+        ("clpd@boundaries=[10,40]", "boundaries"),  # past total_steps: caught before any run
+        ("clpd@patience=3", "patience"),
+        ("clpd@distill.nokey=1", "nokey"),
+        ("clpd@distill.temperature=-1", "temperature"),
+        ("clpd@task.train_size=10", "cannot differ between arms"),
+        ("clpd@seed=3", "seed cannot differ between arms"),
+        ("standard_kd@teachers.ladder=[]", "cannot differ between arms"),
+        ("sft@teacher=0", "takes no policy kwargs"),
+        ("sft@distill.objective=token", "sets distill.objective=sft itself"),
+        ("single:t0@teacher=1", "fixes the teacher"),
+        ("clpd@boundaries", "is not KEY=VALUE"),
+        ("clpd@=3", "is not KEY=VALUE"),
+        ("bad label=clpd", "label 'bad label'"),
+        ("x=nope@a=1", "unknown arm 'nope'"),
+    ],
+)
+def test_bad_arm_specs_name_the_spec(tiny_config, spec, needle):
+    config = tiny_config()
+    with pytest.raises(ClpdError, match=needle) as err:
+        run_ablation(config, "/nonexistent/never-made", parse_arms([spec], config), [0])
+    assert repr(spec) in str(err.value) or spec in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "seeds"),
+    [
+        ("3", [0, 1, 2]),
+        (3, [0, 1, 2]),
+        ("5-9", [5, 6, 7, 8, 9]),
+        ("5-5", [5]),
+        ("0,2,4", [0, 2, 4]),
+        ("0-2,10", [0, 1, 2, 10]),
+        ("100-102", [100, 101, 102]),
+        (" 7 , 3 ", [7, 3]),
+    ],
+)
+def test_parse_seeds(text, seeds):
+    assert parse_seeds(text) == seeds
+
+
+@pytest.mark.parametrize(
+    "text", ["0", "9-5", "a", "1,1", "", "-3", "0-2,2", "1.5", "4294967296-4294967297"]
+)
+def test_parse_seeds_rejects(text):
+    with pytest.raises(ClpdError, match="--seeds"):
+        parse_seeds(text)
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--arms", "clpd@boundaries=oops"], "arm 'clpd@boundaries=oops'"),
+        (["--arms", "clpd@task.eval_size=20"], "arm 'clpd@task.eval_size=20'"),
+        (["--seeds", "3-1"], "--seeds '3-1'"),
+        (["--seeds", "0,0"], "more than once"),
+    ],
+)
+def test_bad_specs_and_seed_lists_exit_2(tmp_path, tiny_config, capsys, argv, needle):
+    out = tmp_path / "abl"
+    assert main(["ablate", str(_write(tmp_path, tiny_config())), "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("clpd: error:") and needle in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def _fake_run(out: Path, run, accuracy: float, curve: list | None, floor: float = 0.2) -> None:
+    path = run.path(out)
+    path.mkdir(parents=True)
+    summary = _fake_summary(accuracy)
+    summary["student"].update(full_chain=accuracy / 2, floor=floor, floor_answer="0")
+    (path / "summary.json").write_text(json.dumps(summary))
+    (path / "metrics.jsonl").write_text("")
+    if curve is not None:
+        rows = [{"step": s, "accuracy": a, "accuracy_by_difficulty": {}, "n": 10} for s, a in curve]
+        (path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_learning_curves_floor_and_full_chain_reach_results_report_and_export(
+    tmp_path, tiny_config
+):
+    config = tiny_config()
+    out = tmp_path / "abl"
+    arms = parse_arms(["clpd", "early=clpd@boundaries=[5,10]"], config)
+    curves = {
+        ("clpd", 0): [[2, 0.1], [4, 0.3]],
+        ("clpd", 1): [[2, 0.2], [4, 0.2]],
+        ("early", 0): [[2, 0.3], [4, 0.4]],
+        ("early", 1): None,  # run without train.eval_every: no curve, still a result
+    }
+    plan = plan_runs(arms, [0, 1])
+    final = {("clpd", 0): 0.5, ("clpd", 1): 0.4, ("early", 0): 0.6, ("early", 1): 0.7}
+    for run in plan:
+        key = (run.arm.name, run.seed)
+        _fake_run(out, run, final[key], curves[key])
+    manifest = {
+        "config": config.to_dict(),
+        "eval_split": HELD_OUT_SPLIT,
+        "arms": {a.name: a.source for a in arms},
+        "runs": [[r.arm.name, r.seed] for r in plan],
+    }
+    (out / "ablation.json").write_text(json.dumps(manifest))
+
+    summary = run_ablation(config, out, arms, [0, 1], log=lambda _: None)
+    rows = {(r["arm"], r["seed"]): r for r in _jsonl(out / "results.jsonl")}
+    # The curve is eval.jsonl's rows, then the final evaluation at the run's last step (6).
+    assert rows[("clpd", 0)]["curve"] == [[2, 0.1], [4, 0.3], [6, 0.5]]
+    assert rows[("early", 0)]["curve"] == [[2, 0.3], [4, 0.4], [6, 0.6]]
+    assert "curve" not in rows[("early", 1)]
+    assert rows[("clpd", 1)]["floor"] == 0.2 and rows[("clpd", 1)]["full_chain"] == 0.2
+    assert summary["floor"] == {"floor": 0.2, "answer": "0"}
+    assert summary["arms"]["clpd"]["full_chain"]["mean"] == pytest.approx(0.225)
+    lc = summary["learning_curves"]
+    assert list(lc) == ["clpd", "early"]
+    assert lc["clpd"]["steps"] == [2, 4, 6] and lc["clpd"]["mean"] == pytest.approx(
+        [0.15, 0.25, 0.45]
+    )
+    assert lc["early"]["n"] == [1, 1, 1] and lc["early"]["ci95"] == [None, None, None]
+    report = (out / "report.md").read_text()
+    assert "## Learning curves" in report and "## Full-chain exact match" in report
+    assert "always answering '0' scores 0.200" in report
+    assert (out / "figures" / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    # The export carries eval.jsonl, so `clpd report` on it rebuilds the same curves.
+    exported = tmp_path / "export"
+    assert main(["report", str(out), "--export", str(exported)]) == 0
+    assert (exported / "runs/clpd/seed-0/eval.jsonl").is_file()
+    assert json.loads((exported / "summary.json").read_text())["learning_curves"] == lc
+
+    # A label keeps its spec: asking for "early" as another arm is refused, naming both.
+    other = parse_arms(["early=clpd@boundaries=[3,10]"], config)
+    with pytest.raises(ClpdError, match=r"arm 'early' was 'early=clpd@boundaries=\[5,10\]'"):
+        run_ablation(config, out, other, [0, 1], log=lambda _: None)
+    # ...while the same spec resumes with nothing to run.
+    lines: list[str] = []
+    run_ablation(config, out, arms[1:], [0, 1], log=lines.append)
+    assert "2 done before, 0 to run" in lines[0]
 
 
 # -- end to end on the shared local Ray cluster ---------------------------------------------
@@ -384,3 +591,34 @@ def test_ablation_end_to_end_resume_and_report(ray_cluster, tmp_path, tiny_confi
     assert main(["report", str(out)]) == 0
     _check_against_scipy(out)
     assert json.loads((out / "summary.json").read_text())["comparisons"][0]["p_value"] > 0
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sft_arm_trains_without_a_teacher_and_records_a_learning_curve(
+    ray_cluster, tmp_path, tiny_config, capsys
+):
+    config = tiny_config(
+        teachers={"ladder": TINY_LADDER[:2]},
+        curriculum={"num_stages": 2},
+        cluster={"gpus_per_actor": 0},
+    )
+    out = tmp_path / "abl"
+    argv = ["ablate", str(_write(tmp_path, config)), "--arms", "sft", "--seeds", "3-3"]
+    argv += ["--out", str(out), *QUICK, "--set", "train.eval_every=3"]
+    assert main(argv) == 0, capsys.readouterr().err
+    [row] = _jsonl(out / "results.jsonl")
+    assert (row["arm"], row["seed"], row["policy"], row["teacher"]) == (
+        "sft",
+        3,
+        "standard_kd",
+        None,
+    )
+    assert [s for s, _ in row["curve"]] == [3, 6] and row["curve"][-1][1] == row["accuracy"]
+    assert 0 <= row["floor"] <= 1 and row["floor_answer"] is not None and "full_chain" in row
+    run = out / row["run_dir"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["distill"]["objective"] == "sft"
+    metrics = _jsonl(run / "metrics.jsonl")
+    assert metrics and all(m["kd_loss"] == 0.0 for m in metrics)  # no teacher term
+    assert all(m["ce_loss"] == pytest.approx(m["loss"]) and m["ce_loss"] > 0 for m in metrics)
+    assert (out / "figures" / "learning_curves.png").is_file()

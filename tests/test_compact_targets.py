@@ -142,16 +142,18 @@ def test_transport_summary_at_qwen_scale():
     assert transport_summary(10, 3, "float32")["bytes_per_token"] == 3 * 8
 
 
-def test_precomputed_targets_are_served_only_for_their_batch(teacher_dir):
-    teacher = TeacherService("t", 0, teacher_dir, top_k=4)
+def test_precomputed_targets_are_served_only_for_their_batch(teacher_dir, tmp_path):
+    # Precompute fills the per-example target store (tests/test_target_store.py for more).
+    teacher = TeacherService("t", 0, teacher_dir, top_k=4, target_store=str(tmp_path))
     batch, other = make_batch(4, step=5), make_batch(5, step=1)
-    teacher.precompute([batch])
-    cached = teacher._cache[5][1]
-    assert teacher.targets(batch) is cached
-    teacher.precompute([batch])
+    assert teacher.precompute(batch) == 4
+    served = teacher.targets(batch)
+    assert teacher.store().stats() == {"hits": 4, "misses": 0, "ahead": 4}
     same_step = Batch(5, 0, other.input_ids, other.attention_mask, other.loss_mask, np.arange(5))
-    fresh = teacher.targets(same_step)  # same step, another batch (a replay): recomputed
-    assert fresh is not cached and fresh.logprobs.shape[0] == other.num_target_tokens
+    fresh = teacher.targets(same_step)  # same step and ids, other examples: recomputed
+    assert teacher.store().stats()["misses"] == 5
+    assert fresh.logprobs.shape[0] == other.num_target_tokens
+    assert served.logprobs.shape[0] == batch.num_target_tokens
 
 
 def test_dense_layout_is_still_read_and_mismatches_are_named():

@@ -379,6 +379,7 @@ def test_sigkilled_driver_resumes_from_s3_to_the_uninterrupted_result(
         "student",
         "models",
         "checkpoints",
+        "eval",  # predictions.jsonl of the final evaluation
     }
     assert "student/model.safetensors" in files
     assert {n.split("/")[1] for n in files if n.startswith("models/")} == {

@@ -28,6 +28,7 @@ from clpd_ray.distill.target_store import (
     teacher_key,
     unpack_part,
 )
+from clpd_ray.errors import ConfigError
 from clpd_ray.messages import Batch
 from clpd_ray.policies import resolve_policy
 from clpd_ray.runtime import storage
@@ -59,7 +60,9 @@ def batch_of(rows: list[int], step: int = 0) -> Batch:
 
 def teacher(model_dir: Path, store: Path | str | None, **kw) -> TeacherService:
     kw = {"top_k": 6, "target_dtype": "float32", **kw}
-    return TeacherService("t", 0, model_dir, target_store=None if store is None else str(store), **kw)
+    return TeacherService(
+        "t", 0, model_dir, target_store=None if store is None else str(store), **kw
+    )
 
 
 def per_row(t: TeacherService, batch: Batch) -> list[np.ndarray]:
@@ -76,9 +79,9 @@ def test_row_keys_follow_example_and_tokenization_not_padding():
     wide = batch_of([0, 1, 2, 5])  # row 0..2 padded to another width when 5 is longer
     keys = row_keys(a.example_ids, a.input_ids, a.attention_mask, a.loss_mask)
     assert len(set(keys)) == 3
-    assert keys == row_keys(
-        wide.example_ids, wide.input_ids, wide.attention_mask, wide.loss_mask
-    )[:3]
+    assert (
+        keys == row_keys(wide.example_ids, wide.input_ids, wide.attention_mask, wide.loss_mask)[:3]
+    )
     ids, attn, mask = a.input_ids.copy(), a.attention_mask.copy(), a.loss_mask.copy()
     ids[1, 2] += 1  # another token
     assert row_keys(a.example_ids, ids, attn, mask)[1] != keys[1]
@@ -124,10 +127,14 @@ def test_store_location_from_the_config(tmp_path):
     def config(*items: str):
         return config_from_dict(apply_overrides({}, list(items)), "test")
 
-    assert store_location(config(), "/runs/a") == "/runs/a/targets"
+    assert store_location(config(), "/runs/a") is None  # a run batches its teachers by default
+    assert store_location(config("teachers.target_store=run"), "/runs/a") == "/runs/a/targets"
     assert store_location(config("teachers.target_store=off"), "/runs/a") is None
-    shared = store_location(config(f"teachers.target_store={tmp_path}/s/../t"), "/runs/a")
+    shared = store_location(config(f"teachers.target_store={tmp_path}/t"), "/runs/a")
     assert shared == str(tmp_path / "t")
+    assert store_location(config_from_dict({"teachers": {"target_store": False}}), "/r") is None
+    with pytest.raises(ConfigError, match=r"teachers\.target_store"):
+        config("teachers.target_store=' '")
     s3 = store_location(config("teachers.target_store=s3://b/x/"), "/runs/a")
     assert s3 == "s3://b/x"
     assert store_location(config("distill.objective=sequence"), "/runs/a") is None
@@ -235,14 +242,27 @@ def test_bfloat16_targets_go_through_the_store(teacher_dir, tmp_path):
 def test_two_stores_on_one_location_see_each_others_parts(tmp_path):
     rng = np.random.default_rng(1)
     entry = (rng.standard_normal((2, 3)).astype(np.float32), np.zeros((2, 3), np.int32))
-    a, b = TargetStore(str(tmp_path), "t", "k" * 64), TargetStore(str(tmp_path), "t", "k" * 64)
-    assert b.get(["x"]) == [None]
+    a = TargetStore(str(tmp_path), "t", "k" * 64)
+    b = TargetStore(str(tmp_path), "t", "k" * 64, refresh_s=0.0)
+    slow = TargetStore(str(tmp_path), "t", "k" * 64, refresh_s=3600.0)
+    assert b.get(["x"]) == [None] and slow.get(["x"]) == [None]
     a.put(["x"], [entry])
     (got,) = b.get(["x"])  # b refreshes its index on a miss
     assert got is not None
+    assert slow.get(["x"]) == [None]  # listed a moment ago: the miss is recomputed, not listed
     np.testing.assert_array_equal(got[0], entry[0])
     other = TargetStore(str(tmp_path), "t", "j" * 64)  # another teacher key: its own directory
     assert other.get(["x"]) == [None]
+
+
+def test_parts_cached_in_memory_stay_within_the_budget(tmp_path):
+    entry = (np.zeros((10, 4), np.float32), np.zeros((10, 4), np.int32))  # 320 bytes
+    store = TargetStore(str(tmp_path), "t", "k" * 64, cache_bytes=1000)
+    for i in range(5):
+        store.put([f"e{i}"], [entry])
+    assert sum(store._part_bytes.values()) <= 1000 and len(store._parts) == 3
+    fresh = TargetStore(str(tmp_path), "t", "k" * 64, cache_bytes=1000)
+    assert all(e is not None for e in fresh.get([f"e{i}" for i in range(5)]))  # re-read as needed
 
 
 def test_the_store_works_on_s3(s3_bucket):
@@ -282,7 +302,7 @@ def test_work_ahead_order_is_the_order_each_stage_is_served(policy_name):
     ladder = [{"name": f"t{i}", "n_layer": 1, "n_embd": 8, "n_head": 2} for i in range(3)]
     raw = {
         "seed": 0,
-        "task": {"max_difficulty": 3, "train_size": 90, "eval_size": 6},
+        "task": {"max_difficulty": 3, "train_size": 90, "eval_size": 12},
         "teachers": {"ladder": ladder},
         "curriculum": {"num_stages": 3},
         "scheduler": {"policy": policy_name, "probe_every": 5, "probe_size": 4},
@@ -302,8 +322,9 @@ def test_work_ahead_order_is_the_order_each_stage_is_served(policy_name):
     state = json.dumps(planner.sampler.state_dict())
     ahead = {}
     for i in (1, 2):
-        stream, stage = planner.ahead_stream(i)
+        (stream, stage), *rest = planner.ahead_streams(i)
         assert stream == f"stage/{stage}" and stage == i
+        assert [s for s, _ in rest] == ([f"replay/{i}"] if planner.reads_probes else [])
         pool = len(planner.stages[stage])
         ahead[i] = np.concatenate(
             [planner.upcoming(stream, off, 7) for off in range(0, pool + 7, 7)]
@@ -312,7 +333,9 @@ def test_work_ahead_order_is_the_order_each_stage_is_served(policy_name):
     assert json.dumps(planner.sampler.state_dict()) == state  # peeking moves nothing
     from clpd_ray.messages import ProbeResult, StepResult
 
+    replay_ahead = {i: planner.upcoming(f"replay/{i}", 0, 500).tolist() for i in (1, 2)}
     served: dict[int, list[int]] = {1: [], 2: []}
+    replays: dict[int, list[int]] = {1: [], 2: []}
     for j in range(60):
         steps, probe = planner.missing(j)
         for i in steps:
@@ -323,9 +346,68 @@ def test_work_ahead_order_is_the_order_each_stage_is_served(policy_name):
             planner.record_probe(probe, tuple(ProbeResult(s, 0.1, 0.9, kl) for s in range(3)))
         before = policy.state_dict()
         plan = planner.plan(j, policy.decide(planner.observation(j)), before)
-        if plan.decision.stage in served:
-            served[plan.decision.stage] += plan.batch.example_ids.tolist()
+        stage = plan.decision.stage
+        if stage in served:
+            members = set(planner.stages[stage].tolist())
+            rows = plan.batch.example_ids.tolist()
+            served[stage] += [r for r in rows if r in members]  # replayed rows: another stream
+            replays[stage] += [r for r in rows if r not in members]
     assert served[1] and served[2], "the policy never reached the later stages"
+    assert bool(replays[1] and replays[2]) == (policy_name == "adaptive")
     for i in (1, 2):
         n = min(len(served[i]), len(ahead[i]))
         assert served[i][:n] == ahead[i][:n].tolist()
+        assert replays[i] == replay_ahead[i][: len(replays[i])]
+
+
+# ---------------------------------------------------------------------- end to end (Ray)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_store_cold_warm_and_work_ahead_end_with_the_same_student(
+    ray_cluster, tiny_config, tmp_path
+):
+    """An adaptive run that fills a shared store with work ahead, a second run served from it
+    without work ahead, and a run with a store of its own end with the same student, bit for
+    bit; the idle teachers of the first worked ahead, and the second computed nothing."""
+    from safetensors.torch import load_file
+
+    from clpd_ray.runtime.run import run_distillation
+
+    shared = tmp_path / "shared"
+    runs = {
+        "ahead": ("scheduler.policy=adaptive", f"teachers.target_store={shared}"),
+        "warm": (
+            "scheduler.policy=adaptive",
+            f"teachers.target_store={shared}",
+            "teachers.work_ahead=false",
+        ),
+        "own": (
+            "scheduler.policy=adaptive",
+            "teachers.target_store=run",
+            "teachers.work_ahead=false",
+        ),
+    }
+    summaries, students = {}, {}
+    for name, overrides in runs.items():
+        out = tmp_path / name
+        summaries[name] = run_distillation(tiny_config(*overrides), out, progress=False)
+        students[name] = load_file(str(out / "student" / "model.safetensors"))
+        decisions = (out / "decisions.jsonl").read_text()
+        if name == "ahead":
+            reference = decisions
+        assert decisions == reference
+    for name in ("warm", "own"):
+        unequal = [
+            k for k in students["ahead"] if not torch.equal(students[name][k], students["ahead"][k])
+        ]
+        assert not unequal, f"{name}: {unequal}"
+    ahead, warm = summaries["ahead"]["target_store"], summaries["warm"]["target_store"]
+    assert ahead["t1"]["ahead"] > 0 and ahead["t2"]["ahead"] > 0  # idle from step 0
+    assert ahead["t0"]["ahead"] == 0  # in use from step 0
+    assert all(c["misses"] == 0 and c["ahead"] == 0 for c in warm.values()), warm
+    assert sum(c["hits"] for c in warm.values()) > 0
+    assert (tmp_path / "own" / "targets").is_dir() and not (tmp_path / "ahead" / "targets").exists()
+    own = summaries["own"]["target_store"]
+    assert all(c["ahead"] == 0 for c in own.values())

@@ -140,18 +140,17 @@ def parse_arm(spec: str, config: Config) -> Arm:
     overrides: list[str] = []
     for item in items:
         key, value = _value(spec, item)
-        if "." not in key:
-            if key in kwargs:
-                raise ClpdError(f"arm {spec!r} gives the kwarg {key!r} twice; give it once")
-            kwargs[key] = value
-            continue
-        shared = [k for k in _SHARED_KEYS if key == k or key.startswith(k + ".")]
-        if shared:
+        if any(key == k or key.startswith(k + ".") for k in _SHARED_KEYS):
             raise ClpdError(
                 f"arm {spec!r}: {key} cannot differ between arms (all arms share the data, the "
                 f"teacher ladder and the seed: set it in the config or with --set; seeds with "
                 f"--seeds; the policy as the arm's base)"
             )
+        if "." not in key:
+            if key in kwargs:
+                raise ClpdError(f"arm {spec!r} gives the kwarg {key!r} twice; give it once")
+            kwargs[key] = value
+            continue
         overrides.append(f"{key}={item.partition('=')[2]}")
     if base.startswith(SINGLE_PREFIX):
         teacher = base.removeprefix(SINGLE_PREFIX)
@@ -183,9 +182,8 @@ def parse_arm(spec: str, config: Config) -> Arm:
             f"teacher of the ladder ({', '.join(ladder)}); {SPEC_HELP}"
         )
     name = label if eq else spec.replace(" ", "")
-    sft = base == SFT
-    teacher = None if sft else _fixed_teacher(policy, kwargs, ladder)
-    arm = Arm(name, policy, kwargs, teacher, tuple(overrides), spec if spec != name else "")
+    only = None if base == SFT else _fixed_teacher(policy, kwargs, ladder)
+    arm = Arm(name, policy, kwargs, only, tuple(overrides), spec if spec != name else "")
     try:
         resolve_policy(arm.policy, arm.kwargs)
         run_config(config, arm, config.seed)

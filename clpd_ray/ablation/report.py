@@ -349,8 +349,7 @@ def _curves_md(curves: Mapping[str, Any], figures: Mapping[str, str]) -> list[st
     for arm, c in curves.items():
         auc = c["auc"]
         lines.append(
-            f"| {arm} | {auc['n']} | {auc['mean']:.3f} | {_ci(auc['ci95'])} | "
-            f"{c['mean'][-1]:.3f} |"
+            f"| {arm} | {auc['n']} | {auc['mean']:.3f} | {_ci(auc['ci95'])} | {c['mean'][-1]:.3f} |"
         )
     return [*lines, "", f"![learning curves]({figures['learning_curves']})", ""]
 

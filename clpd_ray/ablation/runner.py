@@ -19,6 +19,8 @@ Output directory::
                           floor, full_chain, learning curve when train.eval_every is set, ...)
           summary.json, report.md, figures/*.png  (clpd_ray.ablation.report; `clpd report <out>` redoes them)
           runs/<arm>/seed-<s>/                      run directories (clpd_ray.runtime.rundir)
+          targets/                                  teacher target store shared by every run
+                                                    (unless teachers.target_store is set)
 
 Resuming: a run whose directory holds summary.json is finished and not redone; a directory
 without one is a run that was cut short and is deleted and redone. Each invocation runs the arms
@@ -49,6 +51,7 @@ from typing import Any
 from clpd_ray.ablation.arms import Arm, parse_arm, run_config
 from clpd_ray.ablation.results import MANIFEST, RESULTS, read_jsonl, read_results
 from clpd_ray.config import Config
+from clpd_ray.data.task import HELD_OUT_SPLIT
 from clpd_ray.errors import ClpdError
 from clpd_ray.runtime.rundir import write_json_atomic
 
@@ -166,6 +169,12 @@ def _check_manifest(out: Path, config: Config) -> tuple[list[tuple[str, int]], d
                 f"{', '.join(diff[:8])}); finished runs would not be comparable: use the same "
                 f"config, --quick and --set as before, or a new --out"
             )
+        made = before.get("eval_split") or "a clpd that let evaluation problems into training"
+        if made != _eval_split(config):
+            raise ClpdError(
+                f"--out {out} holds runs evaluated on another held-out set (drawn by {made}, now "
+                f"{_eval_split(config)}); their accuracies would not compare: use a new --out"
+            )
         specs = {str(k): str(v) for k, v in before.get("arms", {}).items()}
         return [(str(a), int(s)) for a, s in before["runs"]], specs
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -174,6 +183,11 @@ def _check_manifest(out: Path, config: Config) -> tuple[list[tuple[str, int]], d
             f"directory"
         )
     return [], {}
+
+
+def _eval_split(config: Config) -> str:
+    """How the evaluation set is drawn: the embedded task's draw (data/task.py), or the file's."""
+    return HELD_OUT_SPLIT if config.data.path is None else "data files"
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -239,8 +253,8 @@ def run_ablation(
     for arm in arms:  # a policy that cannot run this config fails now, before any actor starts
         try:
             resolve_run_policy(run_config(config, arm, seeds[0]))
-        except ClpdError as err:
-            raise ClpdError(f"arm {arm.source!r}: {err}") from None
+        except ClpdError as bad:
+            raise ClpdError(f"arm {arm.source!r}: {bad}") from None
     plan = plan_runs(arms, seeds)
     known = _with_earlier(plan, earlier, config, specs)
     out.mkdir(parents=True, exist_ok=True)
@@ -251,6 +265,7 @@ def run_ablation(
             "config": config.to_dict(),
             "ladder": [t.name for t in config.teachers.ladder],
             "data_seed": config.seed,
+            "eval_split": _eval_split(config),
             "arms": {r.arm.name: arm_specs.get(r.arm.name, r.arm.name) for r in known},
             "runs": [[r.arm.name, r.seed] for r in known],
         },
@@ -283,8 +298,14 @@ def run_ablation(
 
             # A tokenizer per run: Rust tokenizers are not meant to be shared between threads.
             wl = replace(workload, tokenizer=copy.deepcopy(workload.tokenizer))
+            run_cfg = run_config(config, run.arm, run.seed)
+            if run_cfg.teachers.target_store is None:  # one target store for every arm and seed
+                store = str((out / "targets").resolve())
+                run_cfg = run_cfg.model_copy(
+                    update={"teachers": run_cfg.teachers.model_copy(update={"target_store": store})}
+                )
             return run_distillation(
-                run_config(config, run.arm, run.seed),
+                run_cfg,
                 run.path(out),
                 address=address,
                 progress=False,

@@ -234,7 +234,13 @@ def learning_curves(
             "mean": [m for m, _ in stats],
             "ci95": [c for _, c in stats],
             "n": [len(at[s]) for s in steps],
-            "auc": {"mean": auc_mean, "ci95": auc_ci, "n": len(aucs), "seeds": seeds, "values": aucs},
+            "auc": {
+                "mean": auc_mean,
+                "ci95": auc_ci,
+                "n": len(aucs),
+                "seeds": seeds,
+                "values": aucs,
+            },
         }
     return out
 

@@ -39,6 +39,7 @@ __all__ = [
     "OPERATORS",
     "TASK_ALPHABET",
     "HeldOut",
+    "TooFewProblems",
     "generate_examples",
     "held_out_split",
     "make_example",
@@ -143,9 +144,7 @@ def _from_index(k: int, index: int) -> Example:
     return make_example(start, ops)
 
 
-def _draw_unseen(
-    rng: np.random.Generator, k: int, count: int, taken: set[int]
-) -> list[int]:
+def _draw_unseen(rng: np.random.Generator, k: int, count: int, taken: set[int]) -> list[int]:
     """``count`` distinct problem indices of level k not in ``taken`` (which gains them)."""
     space = problem_space(k)
     if count > space - len(taken):
@@ -162,6 +161,10 @@ def _draw_unseen(
                     chosen.append(i)
     taken.update(chosen)
     return chosen
+
+
+class TooFewProblems(ValueError):
+    """No difficulty level has enough problems outside the training set to hold out."""
 
 
 @dataclass(frozen=True)
@@ -192,8 +195,8 @@ def held_out_split(
 
     A level is held out when it has at least ceil(n / L) unseen problems for each of the two
     sets (L = the number of held-out levels); the others are "seen" and left out of both sets,
-    whose rows are spread evenly (in random order) over the held-out levels. Raises ValueError
-    when no level can be held out.
+    whose rows are spread evenly (in random order) over the held-out levels. Raises
+    :class:`TooFewProblems` when no level can be held out.
     """
     taken: dict[int, set[int]] = {k: set() for k in range(1, max_difficulty + 1)}
     for prompt in [*(e.prompt for e in train), *exclude]:
@@ -209,7 +212,7 @@ def held_out_split(
             break
         levels = keep
     if not levels:
-        raise ValueError(
+        raise TooFewProblems(
             f"no difficulty level has enough problems outside the {len(train)} training rows to "
             f"hold out {eval_size} evaluation and {probe_size} probe problems"
         )

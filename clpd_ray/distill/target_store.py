@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import zipfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -111,7 +112,7 @@ def unpack_part(data: bytes) -> dict[str, Entry]:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             keys, counts, lp, ids = z["keys"], z["counts"], z["logprobs"], z["ids"]
-    except (OSError, KeyError, ValueError, EOFError) as err:
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise ValueError(f"not a target-store part file ({err})") from None
     if int(counts.sum()) != lp.shape[0] or lp.shape != ids.shape or keys.shape != counts.shape:
         raise ValueError("target-store part file: its arrays do not fit together")

@@ -63,6 +63,7 @@ from clpd_ray.runtime.planner import Planner, StepPlan, probe_sets
 from clpd_ray.runtime.recovery import describe_failure, is_recoverable, wait_for_restarts
 from clpd_ray.runtime.rundir import RunDir
 from clpd_ray.runtime.stopping import RunStopped, stop_requested
+from clpd_ray.runtime.target_store import store_location
 from clpd_ray.runtime.tracking import Reporter
 from clpd_ray.workload import Workload
 
@@ -145,6 +146,7 @@ class Executor:
         self.resume_from = resume_from
         self.max_recoveries = max_recoveries
         self.recoveries = 0
+        self._store = store_location(config, run_dir.uri)  # None: teachers keep no store
         self.prom = RunMetrics(launcher.run_id)  # driver-side Prometheus metrics (recoveries)
         self.inflight: deque[tuple[int, Any]] = deque()  # (step, train_step ref), in step order
         self.pending_checkpoints: deque[tuple[int, Any]] = deque()  # (step, student files ref)
@@ -162,7 +164,7 @@ class Executor:
         # Work ahead (teachers.work_ahead): per idle teacher, its precompute requests in flight
         # and how far along its future stage's stream it has been sent.
         self._ahead_refs: dict[int, list[Any]] = {}
-        self._ahead_sent: dict[int, int] = {}
+        self._ahead_sent: dict[tuple[int, str], int] = {}  # (teacher, stream) -> examples sent
 
     @property
     def actors(self) -> Any:
@@ -297,10 +299,8 @@ class Executor:
         stage's examples (planner.ahead_stream), two batches at a time: a request for it later
         waits behind at most those. Targets are per example, so this holds whatever step its
         stage begins at (adaptive policies too)."""
-        if not self.c.teachers.work_ahead or self.c.teachers.target_store == "off":
-            return
-        if self.c.distill.objective != "token":
-            return
+        if not self.c.teachers.work_ahead or self._store is None:
+            return  # no store (a plain run's default, or off; sequence KD): nothing to fill
         size = self.c.train.batch_size
         for i in range(max(plan.teachers) + 1, len(self.planner.names)):
             handle = self.actors.teachers[i]
@@ -310,15 +310,16 @@ class Executor:
             if refs:
                 done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
                 refs[:] = [r for r in refs if r not in done]
-            stream, stage = self.planner.ahead_stream(i)
-            while len(refs) < 2:
-                idx = self.planner.upcoming(stream, self._ahead_sent.get(i, 0), size)
-                if idx.size == 0:
-                    break
-                self._ahead_sent[i] = self._ahead_sent.get(i, 0) + int(idx.size)
-                ref = handle.precompute.remote(self.planner.examples_batch(idx, stage))
-                refs.append(ref)
-                self.teacher_refs.setdefault(i, []).append(ref)
+            for stream, stage in self.planner.ahead_streams(i):
+                while len(refs) < 2:
+                    sent = self._ahead_sent.get((i, stream), 0)
+                    idx = self.planner.upcoming(stream, sent, size)
+                    if idx.size == 0:
+                        break
+                    self._ahead_sent[(i, stream)] = sent + int(idx.size)
+                    ref = handle.precompute.remote(self.planner.examples_batch(idx, stage))
+                    refs.append(ref)
+                    self.teacher_refs.setdefault(i, []).append(ref)
 
     def _policy_call(self, method: str, j: int, *args: Any) -> Any:
         """A call of the scheduler's policy, bounded by ``scheduler.timeout_s``."""

@@ -48,6 +48,7 @@ HARMLESS = (
     "cluster.",
     "teachers.cache_dir",
     "teachers.resident",
+    "teachers.work_ahead",  # when idle teachers fill the target store, never what it holds
     "train.keep_checkpoints",
     "train.checkpoint_every",
     "train.eval_every",

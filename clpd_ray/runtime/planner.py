@@ -231,14 +231,19 @@ class Planner:
         return self.reads_probes and done > 0 and done % self.probe_every == 0 and done < self.total
 
     # ------------------------------------------------------------------ work ahead
-    def ahead_stream(self, teacher: int) -> tuple[str, int]:
+    def ahead_streams(self, teacher: int) -> list[tuple[str, int]]:
         """(sampler stream, stage) of the examples teacher ``teacher`` will see when its turn
-        comes: its own stage's stream (teacher k teaches stage k on a ladder; the last stage for
-        rungs past it), or the stream over all examples without a curriculum."""
+        comes, most certain first: its own stage's stream (teacher k teaches stage k on a
+        ladder; the last stage for rungs past it), then that stage's replay stream when batches
+        may replay earlier stages (``curriculum.replay`` > 0, or a policy that decides online and
+        may ask for replay); without a curriculum, the stream over all examples."""
         if self.mode == "none":
-            return "all", 0
+            return [("all", 0)]
         stage = min(teacher, len(self.stages) - 1)
-        return f"stage/{stage}", stage
+        streams = [(f"stage/{stage}", stage)]
+        if stage > 0 and (self.c.curriculum.replay > 0 or self.reads_probes):
+            streams.append((f"replay/{stage}", stage))
+        return streams
 
     def upcoming(self, stream: str, offset: int, count: int) -> np.ndarray:
         """Example indices ``offset .. offset+count-1`` of ``stream`` counted from its current

@@ -374,6 +374,7 @@ def _execute(
         name_suffix=name_suffix,
         placement=placement,
         target_store=store_location(config, run_dir.uri),
+        weights_sha256=_teacher_weights(run_dir),
     )
     _ship_by_value(resolved)
     reporter = Reporter.for_run(config, run_dir, run_id)  # run directory + train.report_to
@@ -394,6 +395,17 @@ def _execute(
         )
     finally:
         reporter.close()
+
+
+def _teacher_weights(run_dir: RunDir) -> dict[str, str]:
+    """Each teacher's weights sha256 from run.json (checked against the weights by --resume), so
+    teachers need not hash their weights again to key the target store."""
+    models = (run_dir.identity() or {}).get("models") or {}
+    return {
+        name.removeprefix("teacher "): m["sha256"]
+        for name, m in models.items()
+        if name.startswith("teacher ") and isinstance(m, dict) and m.get("sha256")
+    }
 
 
 def _train_and_summarise(

@@ -17,6 +17,8 @@ filesystem or an ``s3://bucket/prefix`` URI, with the same layout in each::
     summary.json       steps, wall_s, student.accuracy(_by_difficulty), teachers.<name>.accuracy, stages
     student/           save_pretrained directory (model + tokenizer), written by the student actor
     models/<name>/     models the driver made (embedded ladder, tokenizer), fetched by the actors
+    targets/           the teachers' per-example top-k targets (runtime/target_store.py; only
+                       with teachers.target_store: run); kept by --resume
     checkpoints/       step-<N>/ for the newest train.keep_checkpoints committed steps:
                          student.safetensors  student_optim.pt  student.json   (the student actor)
                          controller.json  manifest.json                          (the driver, last)

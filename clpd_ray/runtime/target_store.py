@@ -18,6 +18,7 @@ rows write the same file with the same content.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -25,19 +26,25 @@ from clpd_ray.config import Config
 from clpd_ray.distill.target_store import Entry, pack_part, unpack_part
 from clpd_ray.runtime import storage
 
-__all__ = ["OFF", "TargetStore", "store_location"]
+__all__ = ["OFF", "RUN", "TargetStore", "store_location"]
 
 OFF = "off"  # teachers.target_store value that disables the store
-_PART_CACHE = 16  # part files kept in memory per teacher (least recently used dropped first)
+RUN = "run"  # teachers.target_store value for a store in the run's own storage: <run>/targets
+# Bytes of parts a teacher keeps in memory (least recently used dropped first): at real sizes a
+# stage's targets (a few thousand examples x a few hundred tokens x k=64 x 6 B) fit, so a part is
+# read once per run even when another run's sampler order wrote it.
+_CACHE_BYTES = 1 << 30
+_REFRESH_S = 30.0  # list the store for other writers' parts at most this often
 
 
 def store_location(config: Config, run_uri: str) -> str | None:
-    """The store root for a run: ``teachers.target_store`` resolved, ``<run>/targets`` when
-    unset, None when ``off`` (or for sequence-level KD, which sends text, not targets)."""
+    """The store root for a run: ``teachers.target_store`` resolved, ``<run>/targets`` for
+    ``run``, None when unset or ``off`` (and for sequence-level KD, which sends text, not
+    targets). ``clpd ablate`` turns an unset store into one shared by its arms and seeds."""
     where = config.teachers.target_store
-    if where == OFF or config.distill.objective != "token":
+    if where is None or where == OFF or config.distill.objective != "token":
         return None
-    if where is None:
+    if where == RUN:
         return storage.join(run_uri, "targets")
     return storage.resolve(where)
 
@@ -45,12 +52,26 @@ def store_location(config: Config, run_uri: str) -> str | None:
 class TargetStore:
     """One teacher's entries under ``<root>/<teacher>-<key[:16]>``; counts hits and misses."""
 
-    def __init__(self, root: str, teacher: str, key: str) -> None:
+    def __init__(
+        self,
+        root: str,
+        teacher: str,
+        key: str,
+        *,
+        cache_bytes: int = _CACHE_BYTES,
+        refresh_s: float = _REFRESH_S,
+    ) -> None:
+        """``refresh_s``: how stale the index of other writers' parts may get (a part missed
+        is recomputed, with the same bits: only work is lost)."""
         self.key = key
+        self.cache_bytes = cache_bytes
+        self.refresh_s = refresh_s
+        self._refreshed: float | None = None  # time.monotonic() of the last listing
         self.dir = storage.join(root, f"{teacher}-{key[:16]}")
         self._index: dict[str, str] = {}  # row key -> part name
         self._indexed: set[str] = set()  # part names whose keys are in the index
         self._parts: OrderedDict[str, dict[str, Entry]] = OrderedDict()
+        self._part_bytes: dict[str, int] = {}
         self.hits = 0
         self.misses = 0
         self.ahead = 0  # entries computed by work ahead (precompute), not by a request
@@ -59,6 +80,7 @@ class TargetStore:
     def refresh(self) -> int:
         """Index the parts written since the last refresh (by anyone); returns how many."""
         new = 0
+        self._refreshed = time.monotonic()
         for name in storage.list_dir(self.dir):
             if not name.endswith(".keys") or name in self._indexed:
                 continue
@@ -69,13 +91,19 @@ class TargetStore:
             new += 1
         return new
 
+    def _keep(self, part: str, entries: dict[str, Entry]) -> None:
+        """Cache a part's entries, dropping the least recently used beyond ``cache_bytes``."""
+        self._parts[part] = entries
+        self._part_bytes[part] = sum(lp.nbytes + ids.nbytes for lp, ids in entries.values())
+        while len(self._parts) > 1 and sum(self._part_bytes.values()) > self.cache_bytes:
+            old, _ = self._parts.popitem(last=False)
+            del self._part_bytes[old]
+
     def _part(self, part: str) -> dict[str, Entry]:
         entries = self._parts.get(part)
         if entries is None:
             entries = unpack_part(storage.read_bytes(storage.join(self.dir, f"{part}.npz")))
-            self._parts[part] = entries
-            while len(self._parts) > _PART_CACHE:
-                self._parts.popitem(last=False)
+            self._keep(part, entries)
         self._parts.move_to_end(part)
         return entries
 
@@ -91,9 +119,11 @@ class TargetStore:
             return None
 
     def get(self, keys: Sequence[str]) -> list[Entry | None]:
-        """The stored entry of each key, None where there is none (the index is refreshed once
-        when a key is missing: another process may have written it)."""
-        if any(k not in self._index for k in keys):
+        """The stored entry of each key, None where there is none (when a key is missing, the
+        index is refreshed if it is older than ``refresh_s``: another process may have written
+        it)."""
+        stale = self._refreshed is None or time.monotonic() - self._refreshed >= self.refresh_s
+        if stale and any(k not in self._index for k in keys):
             self.refresh()
         return [self._lookup(k) for k in keys]
 
@@ -106,11 +136,9 @@ class TargetStore:
         storage.write_bytes(storage.join(self.dir, f"{part}.npz"), pack_part(keys, entries))
         storage.write_text(storage.join(self.dir, f"{part}.keys"), "\n".join(keys) + "\n")
         self._indexed.add(f"{part}.keys")
-        self._parts[part] = dict(zip(keys, entries, strict=True))
+        self._keep(part, dict(zip(keys, entries, strict=True)))
         for k in keys:
             self._index[k] = part
-        while len(self._parts) > _PART_CACHE:
-            self._parts.popitem(last=False)
         self.written += len(keys)
 
     def stats(self) -> dict[str, int]:

@@ -109,11 +109,14 @@ class Launcher:
         name_suffix: str = "",
         placement: Placement | None = None,
         target_store: str | None = None,
+        weights_sha256: dict[str, str] | None = None,
     ) -> None:
         """``target_store``: the teachers' target store root (runtime/target_store.py), None
-        for none."""
+        for none; ``weights_sha256``: teacher name -> its weights' sha256 (run.json), which
+        keys the store (a teacher without one hashes its weights itself)."""
         self.config = config
         self.target_store = target_store
+        self.weights_sha256 = weights_sha256 or {}
         self.teacher_dirs = teacher_dirs
         self.tokenizer_dir = tokenizer_dir
         self.run_id = run_id
@@ -251,6 +254,7 @@ class Launcher:
                 micro_batch=self.config.teachers.micro_batch,
                 target_dtype=self.config.teachers.target_dtype,
                 target_store=self.target_store,
+                weights_sha256=self.weights_sha256.get(self.names[i]),
             )
         )
 

@@ -64,12 +64,14 @@ class TeacherService:
         micro_batch: int = _TEACHERS["micro_batch"].default,
         target_dtype: str = _TEACHERS["target_dtype"].default,
         target_store: str | None = None,
+        weights_sha256: str | None = None,
     ) -> None:
         """``student_tokenizer_dir``: the student's tokenizer, which sequence-level KD re-tokenizes
         the generated chains with (None: the teacher's own). ``dtype``, ``micro_batch`` and
         ``target_dtype`` are ``teachers.dtype`` / ``.micro_batch`` / ``.target_dtype``.
         ``target_store``: the store's root location (runtime/target_store.store_location), None
-        for no store."""
+        for no store; ``weights_sha256``: the weights' fingerprint when the driver has it
+        (run.json), else the teacher hashes its weight files when the store is first used."""
         set_threads(threads)
         self.name = name
         self.index = index
@@ -88,6 +90,7 @@ class TeacherService:
         self._rows_per_chunk = max(1, _PROJECTION_ELEMENTS // self.vocab_size)
         self.metrics = RunMetrics(run_id)
         self._store_root = target_store
+        self._weights_sha256 = weights_sha256
         self._store: TargetStore | None = None  # opened on first use (fingerprinting costs I/O)
         self.busy_s = 0.0
         self.bytes_sent = 0  # payload of the targets handed out (log-probabilities + ids)
@@ -168,7 +171,8 @@ class TeacherService:
         weights and model config, the dtype it runs in, its vocabulary, the device kind and the
         torch version (kernels differ in their last bits across devices and versions)."""
         h = hashlib.sha256()
-        h.update(str(model_fingerprint(self._model_dir)["sha256"]).encode())
+        weights = self._weights_sha256 or model_fingerprint(self._model_dir)["sha256"]
+        h.update(str(weights).encode())
         config = self._model_dir / "config.json"
         h.update(config.read_bytes() if config.is_file() else b"")
         dtype = next(self.model.parameters()).dtype
