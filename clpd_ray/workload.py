@@ -230,12 +230,6 @@ def _tokenizer(config: Config) -> tuple[PreTrainedTokenizerBase, Path]:
     :func:`~clpd_ray.distill.models.shared_tokenizer_source` for where it comes from)."""
     found = shared_tokenizer_source(config)
     if found is None:
-        if config.data.path is not None:
-            raise ConfigError(
-                "data.path is set but no tokenizer is: an external dataset needs a real one; set "
-                "student.tokenizer (a tokenizer directory or hub id the built student is sized "
-                "for), student.path, or teachers.ladder[*].path"
-            )
         tok: PreTrainedTokenizerBase = build_char_tokenizer()
         path = default_cache_dir(config) / "tokenizer-embedded"
         if not (path / "tokenizer.json").is_file():
@@ -291,7 +285,9 @@ def build_workload(config: Config, *, progress: bool = True) -> Workload:
     fmt.check(tok, source=f"the run's tokenizer ({tok_dir})")
     train, probe_pool, length_stats = _fit_lengths(config, tok, fmt, train, probe_pool, held_out)
     data_stats.update(train_rows=len(train), probe_rows=len(probe_pool))
-    ladder = ensure_ladder(config, tok, train, held_out, progress=progress)
+    # Teachers given by path are scored on their own actors (GPUs) at the end of the run, not
+    # here on the driver, which may have no GPU (`clpd ladder` scores them here, on request).
+    ladder = ensure_ladder(config, tok, train, held_out, progress=progress, score_paths=False)
     rows = tokenize_rows(tok, held_out, fmt)
     return Workload(
         tokenizer=tok,

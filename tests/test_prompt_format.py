@@ -296,6 +296,7 @@ def test_evaluate_accuracy_returns_predictions():
             "extracted": "2",
             "gold": "2",
             "correct": True,
+            "full_chain": True,
             "steps": 1,
         },
         {
@@ -304,6 +305,7 @@ def test_evaluate_accuracy_returns_predictions():
             "extracted": "2",
             "gold": "3",
             "correct": False,
+            "full_chain": False,
             "steps": 1,
         },
     ]

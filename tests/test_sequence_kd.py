@@ -9,6 +9,7 @@ its own tokenizer, are the teacher's text.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -419,6 +420,11 @@ def test_sequence_kd_runs_between_tokenizer_families(ray_cluster, tiny_config, t
     entries = ensure_ladder(base, char, train, generate_examples(30, 3, 0, "eval"), progress=False)
     bpe_dir = tmp_path / "bpe"
     bpe_tokenizer([e.prompt + e.target for e in train]).save_pretrained(bpe_dir)
+    # Checkpoints as a user brings them: no accuracy.json, so the run scores them itself.
+    paths = []
+    for e in entries[:2]:
+        paths.append(tmp_path / "models" / e.name)
+        shutil.copytree(e.path, paths[-1], ignore=shutil.ignore_patterns("accuracy.json"))
     config = tiny_config(
         "distill.objective=sequence",
         "distill.verify=true",
@@ -429,7 +435,7 @@ def test_sequence_kd_runs_between_tokenizer_families(ray_cluster, tiny_config, t
         "scheduler.policy=adaptive",
         "scheduler.probe_every=3",
         "curriculum.num_stages=2",
-        teachers={"ladder": [{"name": e.name, "path": str(e.path)} for e in entries[:2]]},
+        teachers={"ladder": [{"name": p.name, "path": str(p)} for p in paths]},
         student={"tokenizer": str(bpe_dir)},
     )
     out = tmp_path / "run"
@@ -443,6 +449,11 @@ def test_sequence_kd_runs_between_tokenizer_families(ray_cluster, tiny_config, t
             and t["accepted"] + t["gold_rows"] == t["generated"]
         )
         assert t["rate"] == pytest.approx(t["accepted"] / t["generated"], abs=1e-4)
+    # Teachers given by path were scored on their own actors at the end, like built ones.
+    for name in ("t0", "t1"):
+        scored = summary["teachers"][name]
+        assert scored["accuracy"] is not None and scored["parameters"] > 0, scored
+    assert (out / "eval" / "predictions.jsonl").is_file()
     # The probes ran on the student's tokens, without the KL part (no teacher scores them).
     state = json.loads((out / "checkpoints" / "step-0000005" / "controller.json").read_text())
     probes = [p for results in state["probes"].values() for p in results]

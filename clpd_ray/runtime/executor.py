@@ -101,6 +101,9 @@ class RunStats:
     student: dict = field(default_factory=dict)  # student.stats
     busy_s: dict[str, float] = field(default_factory=dict)
     target_store: dict[str, dict[str, int]] = field(default_factory=dict)  # teacher -> counts
+    # Teachers given by path, scored on their actors at the end: name -> evaluate() result.
+    teacher_evaluation: dict[str, dict] = field(default_factory=dict)
+    teacher_parameters: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -451,15 +454,26 @@ class Executor:
 
     def _finish(self) -> RunStats:
         actors = self.actors
-        evaluation = unwrap(actors.student.evaluate.remote(self.w.eval, self.w.max_new_tokens))
+        student_eval = actors.student.evaluate.remote(self.w.eval, self.w.max_new_tokens)
+        # Teachers without a score (given by path) are scored on the same held-out set, on
+        # their own actors, at the same time.
+        eval_args = (self.w.eval, self.w.max_new_tokens, self.w.prompt_format, self.w.extractor)
+        teacher_evals = {
+            e.name: self.launcher.teacher(i).evaluate.remote(*eval_args)
+            for i, e in enumerate(self.w.ladder)
+            if e.accuracy is None
+        }
+        evaluation = unwrap(student_eval)
         unwrap(actors.student.save_pretrained.remote(self.run_dir.student_dir()))
         student = unwrap(actors.student.stats.remote())
         busy = {"student": student["busy_s"], "student-probes": student["probe_busy_s"]}
         teacher_stats: dict[str, dict[str, int]] = {}
+        params: dict[str, dict[str, Any]] = {}
         for name, h in zip(self.planner.names, actors.teachers, strict=True):
             if h is not None:
                 st = unwrap(h.stats.remote())
                 busy[f"teacher-{name}"] = st["busy_s"]
+                params[name] = st
                 teacher_stats[name] = st.get("target_store", {})
         busy["scheduler"] = unwrap(actors.scheduler.stats.remote())["busy_s"]
         store = {k: v for k, v in teacher_stats.items() if v}
@@ -470,6 +484,13 @@ class Executor:
             student=student,
             busy_s=busy,
             target_store=store,
+            teacher_evaluation={
+                name: {k: v for k, v in unwrap(ref).items() if k != "predictions"}
+                for name, ref in teacher_evals.items()
+            },
+            teacher_parameters={
+                n: int(s["parameters"]) for n, s in params.items() if "parameters" in s
+            },
         )
 
     # ------------------------------------------------------------------ checkpoints

@@ -182,12 +182,6 @@ def shared_tokenizer(config: Config) -> PreTrainedTokenizerBase:
     """The run's shared tokenizer, loaded (nothing is written; the workload keeps a copy)."""
     found = shared_tokenizer_source(config)
     if found is None:
-        if config.data.path is not None:
-            raise ConfigError(
-                "data.path is set but no tokenizer is: an external dataset needs a real one; set "
-                "student.tokenizer (a tokenizer directory or hub id the built student is sized "
-                "for), student.path, or teachers.ladder[*].path"
-            )
         return build_char_tokenizer()
     key, source = found
     return _load_named_tokenizer(key, source)

@@ -454,11 +454,12 @@ def _train_and_summarise(
         launcher.shutdown()
     teachers = {}
     for e in workload.ladder:
-        acc = e.accuracy or {}
+        # Built teachers were scored when trained; teachers given by path on their actors now.
+        acc = e.accuracy or stats.teacher_evaluation.get(e.name) or {}
         teachers[e.name] = {
             "accuracy": acc.get("accuracy"),
             "accuracy_by_difficulty": acc.get("by_difficulty"),
-            "parameters": e.parameters,
+            "parameters": e.parameters or stats.teacher_parameters.get(e.name),
         }
     result = stats.evaluation
     predictions = result.get("predictions")

@@ -30,7 +30,7 @@ from clpd_ray.data.tokenizer import load_tokenizer
 from clpd_ray.distill.chunked import output_head, used_width
 from clpd_ray.distill.compact import encode_logprobs
 from clpd_ray.distill.losses import topk_targets
-from clpd_ray.distill.models import load_causal_lm
+from clpd_ray.distill.models import count_parameters, load_causal_lm
 from clpd_ray.distill.sequence import ChainCache, SequenceSettings, chain_seed, chains_to_batch
 from clpd_ray.distill.target_store import Entry, join_rows, row_keys, teacher_key
 from clpd_ray.distill.training import evaluate_accuracy, generate_texts
@@ -332,6 +332,7 @@ class TeacherService:
             "bytes_sent": self.bytes_sent,
             "tokens_sent": self.tokens_sent,
             "logit_width": int(self.model.config.get_text_config().vocab_size),
+            "parameters": count_parameters(self.model),
         }
 
     def gpu_ids(self) -> list[str]:
