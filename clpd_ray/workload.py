@@ -33,7 +33,10 @@ from clpd_ray.data.prompt_format import PromptFormat
 from clpd_ray.data.task import TooFewProblems, generate_examples, held_out_split
 from clpd_ray.data.tokenizer import build_char_tokenizer, load_tokenizer
 from clpd_ray.distill.ladder import LadderEntry, ensure_ladder
-from clpd_ray.distill.models import load_causal_lm, shared_tokenizer_source
+from clpd_ray.distill.models import (
+    load_causal_lm,
+    required_tokenizer_source,
+)
 from clpd_ray.errors import ConfigError, DataError
 
 __all__ = ["Workload", "build_workload", "difficulty_scores", "load_data", "stage_of"]
@@ -228,7 +231,7 @@ def load_data(config: Config) -> _Split:
 def _tokenizer(config: Config) -> tuple[PreTrainedTokenizerBase, Path]:
     """The run's shared tokenizer and a local directory holding it (see
     :func:`~clpd_ray.distill.models.shared_tokenizer_source` for where it comes from)."""
-    found = shared_tokenizer_source(config)
+    found = required_tokenizer_source(config)
     if found is None:
         tok: PreTrainedTokenizerBase = build_char_tokenizer()
         path = default_cache_dir(config) / "tokenizer-embedded"

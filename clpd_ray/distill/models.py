@@ -33,6 +33,7 @@ __all__ = [
     "count_parameters",
     "load_causal_lm",
     "make_model",
+    "required_tokenizer_source",
     "shared_tokenizer_source",
 ]
 
@@ -141,7 +142,7 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 def shared_tokenizer_source(config: Config) -> tuple[str, str] | None:
     """(config key, path or hub id) of the run's shared tokenizer, or None for the embedded
-    task's character tokenizer; ConfigError for external data with no tokenizer named.
+    task's character tokenizer (or for external data with no tokenizer named).
 
     The student's checkpoint, else the tokenizer a built student is sized for
     (``student.tokenizer``), else, for external data, the strongest teacher checkpoint. Every
@@ -156,8 +157,16 @@ def shared_tokenizer_source(config: Config) -> tuple[str, str] | None:
     for spec in reversed(config.teachers.ladder):
         if spec.path:
             return f"teachers.ladder[{spec.name}].path", spec.path
-    raise ConfigError(
-        "data.path is set but no tokenizer is: an external dataset needs a real one; set "
-        "student.tokenizer (a tokenizer directory or hub id the built student is sized "
-        "for), student.path, or teachers.ladder[*].path"
-    )
+    return None
+
+
+def required_tokenizer_source(config: Config) -> tuple[str, str] | None:
+    """:func:`shared_tokenizer_source`, or ConfigError for external data with no tokenizer."""
+    found = shared_tokenizer_source(config)
+    if found is None and config.data.path is not None:
+        raise ConfigError(
+            "data.path is set but no tokenizer is: an external dataset needs a real one; set "
+            "student.tokenizer (a tokenizer directory or hub id the built student is sized "
+            "for), student.path, or teachers.ladder[*].path"
+        )
+    return found

@@ -25,7 +25,7 @@ from clpd_ray.data.batching import tokenize_rows
 from clpd_ray.data.example import Example
 from clpd_ray.data.prompt_format import PromptFormat
 from clpd_ray.data.tokenizer import build_char_tokenizer, load_tokenizer
-from clpd_ray.distill.models import shared_tokenizer_source
+from clpd_ray.distill.models import required_tokenizer_source
 from clpd_ray.errors import ConfigError, ModelLoadError
 
 __all__ = [
@@ -180,7 +180,7 @@ def inspect_models(config: Config, *, load_tokenizers: bool = True) -> list[Mode
 
 def shared_tokenizer(config: Config) -> PreTrainedTokenizerBase:
     """The run's shared tokenizer, loaded (nothing is written; the workload keeps a copy)."""
-    found = shared_tokenizer_source(config)
+    found = required_tokenizer_source(config)
     if found is None:
         return build_char_tokenizer()
     key, source = found
