@@ -66,17 +66,8 @@ def normalise_answer(text: str) -> str:
     """Canonical form for comparison: no spaces or thousands commas, '72.0' == '72', no '$'."""
     s = text.strip().replace(",", "").replace("$", "").replace(" ", "")
     s = s.rstrip(".")
-    try:
-        return str(int(s))  # exact for integers of any size
-    except ValueError:
-        pass
-    try:
-        value = float(s)
-    except ValueError:
-        return s.lower()
-    if value.is_integer():
-        return str(int(value))
-    return repr(value)
+    number = _canonical_number(s)
+    return number if number is not None else s.lower()
 
 
 def _canonical_number(s: str) -> str | None:

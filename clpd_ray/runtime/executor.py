@@ -176,11 +176,8 @@ class Executor:
 
     # ------------------------------------------------------------------ setup
     def _setup_probes(self) -> None:
-        """Teacher targets and accuracy on each stage's probe set (sent to the student later)."""
-        if self.c.distill.objective == "sequence":
-            self._setup_sequence()
-        if not self.planner.reads_probes:
-            return
+        """Teacher targets and accuracy on each stage's probe set (sent to the student later).
+        Sequence-level KD sets ``_teachers_share_vocab`` first (:meth:`_setup_sequence`)."""
         sets = probe_sets(self.planner, self.c.seed, self.c.scheduler.probe_size)
         probe_batches = []
         for s, p in enumerate(sets):
@@ -349,11 +346,11 @@ class Executor:
     def run(self) -> RunStats:
         """Train to ``total_steps`` (replaying from a checkpoint after a failure), then evaluate
         the student on the held-out set and save it to ``<out>/student``."""
+        if self.c.distill.objective == "sequence":
+            self._setup_sequence()
         if self.planner.reads_probes:
             with phase("scoring the probe sets with every teacher", self.progress):
                 self._setup_probes()
-        else:
-            self._setup_probes()
         start = time.perf_counter()
         if self.resume_from is not None:
             self._last = (self.resume_from, self.run_dir.read_checkpoint(self.resume_from))
