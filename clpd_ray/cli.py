@@ -85,8 +85,11 @@ def _table(summary: dict) -> str:
 
 def _print_result(summary: dict, out: str) -> None:
     print()
+    # train_wall_s: the training loop; wall_s: the whole run (teacher ladder, start-up, evaluation).
+    train_s = summary.get("train_wall_s", summary["wall_s"])
     print(
-        f"policy {summary['policy']}: {summary['steps']} steps in {summary['wall_s']:.1f} s; stages {summary['stages']}"
+        f"policy {summary['policy']}: {summary['steps']} steps in {train_s:.1f} s of training "
+        f"({summary['wall_s']:.1f} s in all); stages {summary['stages']}"
     )
     print("held-out exact-match accuracy by difficulty (CoT steps):")
     print(_table(summary))

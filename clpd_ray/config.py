@@ -118,6 +118,9 @@ class TeacherSpec(ModelSpec):
     name: str = Field(min_length=1)
     train_steps: int = Field(1500, ge=1)
     lr: float = Field(3e-3, gt=0, le=1.0)
+    # Actors serving this teacher behind one name, load-balanced, each with its own bundle (its
+    # own GPU on a GPU cluster); the targets do not depend on which one computed them.
+    replicas: int = Field(1, ge=1, le=64)
 
     @field_validator("name")
     @classmethod

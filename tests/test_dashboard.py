@@ -9,12 +9,7 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
-import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -304,12 +299,6 @@ def test_cli_dashboard_install(tmp_path, capsys):
 # ---------------------------------------------------------------------------- real Prometheus
 
 
-def _prom_get(base: str, path: str, **params: str) -> Any:
-    url = f"{base}{path}?{urllib.parse.urlencode(params)}" if params else f"{base}{path}"
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return json.loads(resp.read())
-
-
 def _finite_points(result: list[dict]) -> int:
     return sum(1 for s in result for _, v in s["values"] if math.isfinite(float(v)))
 
@@ -318,109 +307,49 @@ def _finite_points(result: list[dict]) -> int:
 def test_every_panel_returns_data_from_a_real_prometheus(tiny_config, tmp_path):
     """Ray head with its dashboard (so it writes prometheus.yml and the Grafana folders) ->
     `clpd dashboard install` -> Prometheus with Ray's prometheus.yml (scrape every 1 s) -> a
-    30-step tiny run as a driver joining that head -> each panel's query over the run."""
-    prometheus = shutil.which("prometheus")
-    if prometheus is None:
+    150-step tiny run as a driver joining that head -> each panel's query over the run."""
+    if shutil.which("prometheus") is None:
         pytest.skip("prometheus is not installed (apt-get install -y prometheus)")
-    from ray_head import free_port, start_head  # tests/ray_head.py
+    from prom_stack import prom_get, prometheus_for, query_panels, run_on_head  # tests/
+    from ray_head import start_head  # tests/ray_head.py
 
     # Ray exports every metrics_report_interval_ms (10 s by default): 1 s here, so a run of a
     # few seconds still gives rate() several points.
     head = start_head(extra_env={"RAY_metrics_report_interval_ms": "1000"})
-    prom_proc = None
     try:
         session = head.session_dir.resolve()
         installed = dash.install(head.temp_dir)
         assert installed.parent == session / "metrics" / "grafana" / "dashboards"
-        # Ray's prometheus.yml, with its file_sd targets file; only the intervals rewritten.
-        ray_yml = yaml.safe_load(
-            (session / "metrics" / "prometheus" / "prometheus.yml").read_text()
-        )
-        sd_files = ray_yml["scrape_configs"][0]["file_sd_configs"][0]["files"]
-        assert sd_files == [str(session / "prom_metrics_service_discovery.json")]
-        ray_yml["global"].update(scrape_interval="1s", evaluation_interval="1s")
-        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(ray_yml))
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        with open(tmp_path / "prometheus.log", "wb") as log:
-            prom_proc = subprocess.Popen(
-                [
-                    prometheus,
-                    f"--config.file={tmp_path / 'prometheus.yml'}",
-                    f"--web.listen-address=127.0.0.1:{port}",
-                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+        with prometheus_for(head, tmp_path) as base:
+            # Long enough that Ray exports (every 1 s) and Prometheus scrapes (every 1 s) several
+            # times during training: rate() and histogram_quantile() need an increase between
+            # two scrapes. The adaptive policy reads probes (the clock policies such as clpd do
+            # not).
+            config = tiny_config(
+                "train.total_steps=150",
+                "train.checkpoint_every=75",
+                "scheduler.policy=adaptive",
+                "scheduler.probe_every=25",
             )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/-/ready", timeout=2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, (tmp_path / "prometheus.log").read_text()
-                time.sleep(0.5)
-
-        # Long enough that Ray exports (every 1 s) and Prometheus scrapes (every 1 s) several
-        # times during training: rate() and histogram_quantile() need an increase between two
-        # scrapes. The adaptive policy reads probes (the clock policies such as clpd do not).
-        config = tiny_config(
-            "train.total_steps=150",
-            "train.checkpoint_every=75",
-            "scheduler.policy=adaptive",
-            "scheduler.probe_every=25",
-        )
-        (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config.to_dict()))
-        out = tmp_path / "run"
-        start = time.time()
-        proc = subprocess.run(
-            [
-                *(sys.executable, "-m", "clpd_ray.cli", "run", str(tmp_path / "tiny.yaml")),
-                *("--out", str(out), "--address", head.gcs_address),
-            ],
-            env=head.client_env(),
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        summary = json.loads((out / "summary.json").read_text())
-        run_id = summary["run_id"]
-        print(f"run {run_id}: {summary['train_wall_s']} s training, {summary['wall_s']} s in all")
-        time.sleep(4)  # the last export (1 s) and scrape (1 s)
-        end = time.time()
-
-        # Ray's file_sd lists the node's metrics port (and the dashboard's own): the node's,
-        # where the actors' ray_clpd_* series are, must have been scraped.
-        targets = _prom_get(base, "/api/v1/targets")["data"]["activeTargets"]
-        node = [t for t in targets if t["labels"]["instance"].endswith(f":{head.metrics_port}")]
-        assert node and node[0]["health"] == "up", targets
-        empty = []
-        results: dict[dash.PanelQuery, list[dict]] = {}
-        for q in dash.panel_queries():
-            expr = dash.render_expr(q.expr, run_id, rate_interval="10s")
-            res = _prom_get(
-                base,
-                "/api/v1/query_range",
-                query=expr,
-                start=f"{start - 5:.3f}",
-                end=f"{end:.3f}",
-                step="1",
+            run = run_on_head(head, config, tmp_path)
+            summary = run.summary
+            print(
+                f"run {run.run_id}: {summary['train_wall_s']} s training, "
+                f"{summary['wall_s']} s in all"
             )
-            assert res["status"] == "success", (q, res)
-            results[q] = res["data"]["result"]
-            if _finite_points(res["data"]["result"]) == 0:
-                empty.append(f"{q.panel} {q.ref}: {expr}")
+            # Ray's file_sd lists the node's metrics port (and the dashboard's own): the
+            # node's, where the actors' ray_clpd_* series are, must have been scraped.
+            targets = prom_get(base, "/api/v1/targets")["data"]["activeTargets"]
+            node = [t for t in targets if t["labels"]["instance"].endswith(f":{head.metrics_port}")]
+            assert node and node[0]["health"] == "up", targets
+            results = query_panels(base, run)
+        empty = [
+            f"{q.panel} {q.ref}: {q.expr}" for q, res in results.items() if not _finite_points(res)
+        ]
         if os.environ.get("CLPD_DASHBOARD_PNG"):  # docs/observability.md's picture
-            _draw_panels(results, start, Path(os.environ["CLPD_DASHBOARD_PNG"]), run_id)
+            _draw_panels(results, run.start, Path(os.environ["CLPD_DASHBOARD_PNG"]), run.run_id)
         assert not empty, "panels with no data:\n" + "\n".join(empty)
     finally:
-        if prom_proc is not None and prom_proc.poll() is None:
-            os.killpg(prom_proc.pid, signal.SIGTERM)
-            prom_proc.wait(timeout=20)
         head.stop()
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,7 +51,7 @@ def data():
 
 
 def _ensure(cfg: Config, tok, data) -> list[LadderEntry]:
-    return ensure_ladder(cfg, tok, *data, progress=False)
+    return ensure_ladder(cfg, tok, *data, progress=False, workers=1)  # here: monkeypatchable
 
 
 def _count_training(monkeypatch) -> list[str]:
@@ -291,3 +293,122 @@ def test_accuracy_table_shows_held_out_loss_when_reported():
     assert lines[0] == "| teacher | params | all | loss | k=2 |"
     assert lines[2] == "| t-a | 9 | 0.00 | 7.500 | 0.00 |"
     assert lines[3] == "| ext | ? | 0.25 | - | 0.25 |"
+
+
+# ------------------------------------------------ training several teachers at once, and fast
+
+
+def _tokens_equal(a, b) -> None:
+    for field in ("input_ids", "attention_mask", "loss_mask"):
+        got, want = getattr(a, field), getattr(b, field)
+        assert got.dtype == want.dtype and got.shape == want.shape, field
+        assert (got == want).all(), field
+
+
+@pytest.mark.parametrize("max_length", [None, 12])
+def test_pre_encoded_batches_equal_encode_examples(tok, data, max_length):
+    """train_teacher tokenizes the training set once: each step's batch must be exactly what
+    encode_examples makes of the same rows (ids, padding, loss mask, truncation)."""
+    train = data[0]
+    rows = ladder_mod._TokenRows.encode(tok, train, max_length, ladder_mod._PLAIN, chunk=7)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        idx = rng.integers(0, len(train), 8)
+        want = encode_examples(tok, [train[i] for i in idx], max_length)
+        _tokens_equal(rows.batch(idx), want)
+    short = rows.batch(np.array([0]))  # one row: padded to its own length, no wider
+    assert short.input_ids.shape == (1, min(max_length or 10**9, int(rows.lengths[0])))
+
+
+def test_pre_encoded_batches_equal_encode_examples_in_chat_format():
+    from clpd_ray.data.loaders import load_examples
+    from clpd_ray.data.prompt_format import PromptFormat
+
+    qwen3 = Path(__file__).resolve().parents[1].parent / "shared" / "tokenizers" / "qwen3"
+    if not (qwen3 / "tokenizer.json").is_file():
+        pytest.skip("the Qwen3 tokenizer is not in ../shared")
+    qtok = load_tokenizer(qwen3)
+    fmt = PromptFormat(chat_template=True, system_prompt="Solve it.")
+    examples = load_examples(
+        "sample:gsm8k/test.jsonl", prompt_field="question", cot_field="answer", chat=True
+    )[:40]
+    rows = ladder_mod._TokenRows.encode(qtok, examples, 96, fmt, chunk=16)
+    idx = np.array([3, 0, 39, 3, 17])
+    _tokens_equal(rows.batch(idx), encode_examples(qtok, [examples[i] for i in idx], 96, fmt))
+
+
+def _weights(entry: LadderEntry) -> bytes:
+    return (entry.path / "model.safetensors").read_bytes()
+
+
+def test_missing_teachers_train_in_worker_processes(tmp_path, tok, data, capsys):
+    """Two teachers in two spawned processes: both trained and cached where the keys say, one
+    line per teacher on the console, and the same weights (up to float rounding: the thread
+    count may differ) as training them here."""
+    cfg = _config(tmp_path / "a")
+    first = ensure_ladder(cfg, tok, *data, progress=True, workers=2)
+    printed = capsys.readouterr().out
+    assert [e.name for e in first] == ["t-a", "t-b"]
+    for e, spec in zip(first, cfg.teachers.ladder, strict=True):
+        assert e.path == tmp_path / "a" / "teachers" / f"{spec.name}-{teacher_cache_key(cfg, spec)}"
+        assert e.accuracy["train_steps"] == 5 and e.accuracy["n"] == 30
+        assert f"teacher {spec.name}: {e.parameters:,} params" in printed
+    assert multiprocessing.active_children() == []
+    here = _ensure(_config(tmp_path / "c"), tok, data)
+    for e, h in zip(first, here, strict=True):
+        got, want = load_causal_lm(e.path).state_dict(), load_causal_lm(h.path).state_dict()
+        assert got.keys() == want.keys()
+        for k in got:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_worker_processes_train_the_same_bytes_every_time(tmp_path, tok, data):
+    """Two runs of the parallel path into two empty caches: byte-identical weights and scores."""
+    runs = [
+        ensure_ladder(_config(tmp_path / d), tok, *data, progress=False, workers=2)
+        for d in ("a", "b")
+    ]
+    assert [_weights(e) for e in runs[0]] == [_weights(e) for e in runs[1]]
+    assert [e.accuracy["by_difficulty"] for e in runs[0]] == [
+        e.accuracy["by_difficulty"] for e in runs[1]
+    ]
+
+
+def test_a_worker_error_is_raised_as_itself_and_ends_the_pool(tmp_path, tok, data):
+    """t-b has too few positions for the task's rows: its worker fails on its first step. The
+    driver raises the error training it here raises (same type, same message), and ends the
+    other worker at once: t-a (100,000 steps, minutes of work) is never finished, and no worker
+    process is left behind."""
+    long_a = {**TEACHERS[0], "train_steps": 100_000}
+    bad_b = {**TEACHERS[1], "max_positions": 16}
+    with pytest.raises(Exception) as here:
+        _ensure(_config(tmp_path / "here", teachers=[bad_b]), tok, data)
+    cfg = _config(tmp_path / "pool", teachers=[long_a, bad_b])
+    with pytest.raises(type(here.value)) as there:
+        ensure_ladder(cfg, tok, *data, progress=False, workers=2)
+    assert str(there.value) == str(here.value)
+    assert multiprocessing.active_children() == []
+    a_dir = tmp_path / "pool" / "teachers" / f"t-a-{teacher_cache_key(cfg, cfg.teachers.ladder[0])}"
+    assert not (a_dir / "accuracy.json").exists()  # abandoned, not waited for
+
+
+def test_worker_count(monkeypatch):
+    from clpd_ray.distill.ladder_pool import WORKERS_ENV, cpu_count, worker_count
+
+    demo = [1500, 1500, 1500]  # configs/demo.yaml's ladder
+    monkeypatch.delenv(WORKERS_ENV, raising=False)
+    assert worker_count([1500]) == 1
+    assert worker_count(demo) == max(1, min(3, cpu_count() // 2))  # two threads per worker
+    assert worker_count([10, 10, 10]) == 1  # tiny teachers: quicker than starting workers
+    assert worker_count([1500, 100, 100]) == 1  # 200 steps to move off the longest: not worth it
+    assert worker_count([10, 10], requested=2) == 2
+    assert worker_count([1500], requested=4) == 1  # never more processes than teachers
+    monkeypatch.setenv(WORKERS_ENV, "1")
+    assert worker_count(demo) == 1
+    monkeypatch.setenv(WORKERS_ENV, "2")
+    assert worker_count([10, 10, 10]) == 2
+    for raw in ("0", "two"):
+        monkeypatch.setenv(WORKERS_ENV, raw)
+        with pytest.raises(ConfigError, match=WORKERS_ENV):
+            worker_count(demo)

@@ -289,3 +289,48 @@ def test_every_builtin_policy_plans_a_whole_run(workload, policy_name):
         assert len(p.batch.example_ids) == 4
     assert plans[0].decision_row is not None and plans[0].decision_row["reason"]
     assert any(p.probe_after for p in plans) == policy.reads_probes
+
+
+def _calls(planner, plans) -> list[list[int]]:
+    """The steps of each student call, as the executor groups them (planner.ends_call)."""
+    calls, held = [], []
+    for p in plans:
+        held.append(p.step)
+        if planner.ends_call(p, len(held)):
+            calls.append(held)
+            held = []
+    assert not held, "the last step ends a call"
+    return calls
+
+
+@pytest.mark.parametrize("prefetch", [1, 2, 3, 4, 5, 8])
+def test_calls_end_where_the_weights_are_read_and_never_starve_the_student(workload, prefetch):
+    """Steps are grouped into calls of at most D // 2 steps, each probe / eval / checkpoint step
+    ends one, and on a timeline where each step takes one unit and a call's results arrive at
+    its end, the driver (planning step j once the results of steps <= j-D-1 are in) sends
+    every call while the student still has at least two steps of work queued (D with D = 1)."""
+    planner, policy = _planner(
+        workload, "adaptive", f"train.prefetch={prefetch}", "train.eval_every=20"
+    )
+    plans, _ = _drive(planner, policy, 0, TOTAL)
+    calls = _calls(planner, plans)
+    assert [s for c in calls for s in c] == list(range(TOTAL))
+    assert max(len(c) for c in calls) == planner.steps_per_call == max(1, prefetch // 2)
+    ends = {c[-1] for c in calls}
+    for p in plans:
+        if p.probe_after or p.eval_after or p.checkpoint_after:
+            assert p.step in ends
+    assert any(p.probe_after for p in plans) and any(p.eval_after for p in plans)
+
+    result_at: dict[int, int] = {}  # step -> time its result reaches the driver
+    busy_until = 0  # the student's clock
+    for call in calls:
+        needed = [s - prefetch - 1 for s in call if s - prefetch - 1 >= 0]
+        sent = max((result_at[s] for s in needed), default=0)
+        if sent > 0:
+            queued = busy_until - sent
+            assert queued >= min(2, prefetch), f"call {call} sent with {queued} steps queued"
+        busy_until = max(busy_until, sent) + len(call)
+        for s in call:
+            result_at[s] = busy_until
+    assert busy_until == TOTAL  # the student never waited

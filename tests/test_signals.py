@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -126,6 +127,86 @@ def test_the_watchdog_kills_what_holds_the_session_open_once_the_driver_is_gone(
             p.wait()
 
 
+def _blocks_sigterm(pid: int) -> bool:
+    status = (Path("/proc") / str(pid) / "status").read_text()
+    mask = int(next(x for x in status.splitlines() if x.startswith("SigBlk:")).split()[1], 16)
+    return bool(mask & (1 << (signal.SIGTERM - 1)))
+
+
+@pytest.fixture
+def signal_taker():
+    """A thread that takes process signals while the main thread blocks SIGTERM (in clpd, the
+    phase heartbeat thread that runs while a local Ray starts)."""
+    idle = threading.Event()
+    taker = threading.Thread(target=idle.wait, daemon=True)
+    taker.start()
+    yield
+    idle.set()
+    taker.join()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_processes_of_a_local_ray_block_sigterm_and_one_meanwhile_waits_for_ray_to_start(
+    signal_taker,
+):
+    import ray._private.utils as ray_utils
+
+    install = ray_utils.set_sigterm_handler
+    waited, child = False, None
+    try:
+        with (
+            pytest.raises(Interrupted) as err,
+            cleanup.stopping_local_ray(),  # as clpd's commands run: clpd will stop Ray
+            handling_stop_signals(),
+            cleanup.shielding_ray_from_group_sigterm(),
+        ):
+            child = subprocess.Popen(["sleep", "60"])  # as ray.init starts the raylet
+            ray_utils.set_sigterm_handler(lambda *_: None)  # as ray.init does: not now
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.3)  # Ray is still starting: the stop waits for it
+            waited = True
+        assert waited and err.value.signal is signal.SIGTERM
+        assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+        assert ray_utils.set_sigterm_handler is install
+        assert _blocks_sigterm(child.pid)
+        child.terminate()  # what a SIGTERM to the process group does to it: nothing
+        time.sleep(0.3)
+        assert child.poll() is None
+    finally:
+        if child is not None:
+            child.kill()
+            child.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_outside_clpds_commands_a_local_ray_starts_with_sigterm_as_usual():
+    """A program that calls run_distillation stops Ray its own way: nothing is blocked."""
+    with cleanup.shielding_ray_from_group_sigterm():
+        child = subprocess.Popen(["sleep", "60"])
+    try:
+        assert not _blocks_sigterm(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_second_sigterm_while_a_local_ray_starts_stops_at_once(signal_taker):
+    first_waited = False
+    with (
+        pytest.raises(Interrupted),
+        cleanup.stopping_local_ray(),
+        handling_stop_signals(),
+        cleanup.shielding_ray_from_group_sigterm(),
+    ):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+        first_waited = True
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+        pytest.fail("a second SIGTERM did not stop at once")
+    assert first_waited
+
+
 # ---------------------------------------------------------------------------- end to end
 
 
@@ -186,9 +267,7 @@ def _start(args: list[str], cwd: Path) -> subprocess.Popen:
     )
 
 
-def _signal_once_logged(proc: subprocess.Popen, out: Path, step: int, sig: signal.Signals):
-    """Send ``sig`` to the clpd process alone once ``step`` is in metrics.jsonl; returns its
-    exit code, stderr and the Ray processes it had started."""
+def _wait_logged(proc: subprocess.Popen, out: Path, step: int) -> None:
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while not (metrics.exists() and any(r["step"] >= step for r in _jsonl(metrics))):
@@ -196,10 +275,29 @@ def _signal_once_logged(proc: subprocess.Popen, out: Path, step: int, sig: signa
             pytest.fail(f"clpd exited {proc.returncode} early: {proc.communicate()[1][-3000:]}")
         assert time.monotonic() < deadline, f"step {step} not logged within 240 s"
         time.sleep(0.05)
+
+
+def _signal_once_logged(proc: subprocess.Popen, out: Path, step: int, sig: signal.Signals):
+    """Send ``sig`` to the clpd process alone once ``step`` is in metrics.jsonl; returns its
+    exit code and stderr once the Ray processes it had started are gone (checked here, before
+    the caller's _kill_session would end them anyway)."""
+    _wait_logged(proc, out, step)
     ray_procs = _ray_processes(proc)
     os.kill(proc.pid, sig)
     _, err = proc.communicate(timeout=120)
-    return proc.returncode, err, ray_procs
+    assert_gone_soon(ray_procs)
+    return proc.returncode, err
+
+
+def _session_dir(ray_procs: dict[int, str]) -> str:
+    """The Ray session directory of these processes (the raylet's --session_dir argument)."""
+    for pid, name in ray_procs.items():
+        if name == "raylet":
+            args = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+            for arg in args:
+                if arg.startswith(b"--session_dir="):
+                    return arg.split(b"=", 1)[1].decode()
+    raise AssertionError(f"no raylet with --session_dir among {ray_procs}")
 
 
 def _assert_clean_stop(code: int, err: str, sig: signal.Signals, out: Path) -> int:
@@ -229,12 +327,11 @@ def test_sigterm_stops_at_a_step_with_a_checkpoint_and_resume_gives_the_uninterr
     cfg.write_text(yaml.safe_dump(config.to_dict()))
     proc = _start([str(cfg), "--out", str(out)], tmp_path)
     try:
-        code, err, ray_procs = _signal_once_logged(proc, out, 50, signal.SIGTERM)
+        code, err = _signal_once_logged(proc, out, 50, signal.SIGTERM)
     finally:
         _kill_session(proc)
     step = _assert_clean_stop(code, err, signal.SIGTERM, out)
     assert 50 <= step < 120
-    assert_gone_soon(ray_procs)
 
     resumed = _start(["--resume", str(out)], tmp_path)
     try:
@@ -260,11 +357,57 @@ def test_sigint_stops_at_a_step_with_a_checkpoint_and_leaves_no_ray_process(tiny
     cfg.write_text(yaml.safe_dump(tiny_config(*SIGNAL_RUN).to_dict()))
     proc = _start([str(cfg), "--out", str(out)], tmp_path)
     try:
-        code, err, ray_procs = _signal_once_logged(proc, out, 10, signal.SIGINT)
+        code, err = _signal_once_logged(proc, out, 10, signal.SIGINT)
     finally:
         _kill_session(proc)
     _assert_clean_stop(code, err, signal.SIGINT, out)
-    assert_gone_soon(ray_procs)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_stops_at_a_step_and_leaves_no_ray_process(
+    ray_cluster, tiny_config, uninterrupted, tmp_path
+):
+    """``kill -TERM -PGID`` (Slurm's scancel, ``timeout``, job control) reaches the raylet and
+    the GCS of the local Ray too: they ignore it (SIGTERM blocked), the driver stops at a step
+    boundary with a checkpoint and then ends them itself."""
+    config = tiny_config(*SIGNAL_RUN)
+    reference = uninterrupted(config)
+    cfg, out = tmp_path / "cfg.yaml", tmp_path / "run"
+    cfg.write_text(yaml.safe_dump(config.to_dict()))
+    proc = _start([str(cfg), "--out", str(out)], tmp_path)  # its own process group
+    try:
+        _wait_logged(proc, out, 50)
+        ray_procs = _ray_processes(proc)
+        session = _session_dir(ray_procs)
+        ray_procs.update({p: "in the session" for p in cleanup.session_processes(session)})
+        sent = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        took = time.monotonic() - sent
+        left = sorted(p for p in ray_procs if _alive(p))
+        # Checked before _kill_session below, which would end them anyway.
+        assert_gone_soon(ray_procs, within_s=5.0)
+        assert cleanup.session_processes(session) == []
+    finally:
+        _kill_session(proc)
+    print(
+        f"group SIGTERM -> clpd exited {proc.returncode} after {took:.1f} s; "
+        f"alive then, of the {len(ray_procs)} processes below it or in its Ray session: "
+        f"{[ray_procs[p] for p in left]}"
+    )
+    step = _assert_clean_stop(proc.returncode, err, signal.SIGTERM, out)
+    assert 50 <= step < 120
+
+    resumed = _start(["--resume", str(out)], tmp_path)
+    try:
+        _, err = resumed.communicate(timeout=300)
+    finally:
+        _kill_session(resumed)
+    assert resumed.returncode == 0, err[-3000:]
+    assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == step
+    a, b = _student(out), _student(reference)
+    assert [k for k in b if not torch.equal(a[k], b[k])] == []
 
 
 _KILLED_DRIVER = """

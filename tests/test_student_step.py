@@ -6,6 +6,8 @@ whole batch, full (B, T, V) logits, the masked sparse loss of clpd_ray.distill.l
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -265,3 +267,34 @@ def test_fp16_checkpoint_carries_the_loss_scale(tok_dir, tmp_path):
     assert b.restore(tmp_path / "ckpt") == 1
     assert b.scaler.get_scale() == 1234.0
     assert_same(weights(a), weights(b), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Several steps per call (the executor's train_steps) are the same steps, bit for bit
+
+
+def test_train_steps_in_one_call_equal_the_steps_one_by_one(tok_dir):
+    """A call of mixed steps (a two-teacher mixture with weights, one teacher, a generated
+    batch) gives the results and weights of the same train_step calls, bit for bit."""
+    config = make_config()
+    one, many = StudentTrainer(config, tok_dir), StudentTrainer(config, tok_dir)
+    b0, b1, b2 = make_batch(0), make_batch(1), make_batch(2)
+    v = one.vocab_size
+    t0 = [make_targets(b0, v, 1), make_targets(b0, v, 2)]
+    t1 = [make_targets(b1, v, 3)]
+    expected = [
+        one.train_step(b0, *t0, weights=[0.25, 0.75]),
+        one.train_step(b1, *t1),
+        one.train_step(GeneratedBatch("t", b2)),
+    ]
+    layout = [(2, [0.25, 0.75]), (1, None), (0, None)]
+    got = many.train_steps(layout, b0, *t0, b1, *t1, GeneratedBatch("t", b2))
+    assert [replace(r, busy_s=0.0) for r in got] == [replace(r, busy_s=0.0) for r in expected]
+    assert all(r.busy_s > 0 for r in got) and many.step == one.step == 3
+    a, b = weights(one), weights(many)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="the layout takes 2 arguments, got 3"):
+        many.train_steps([(1, None)], b0, t0[0], b1)
+    with pytest.raises(ValueError, match="not a batch and 1 targets"):
+        many.train_steps([(1, None), (1, None)], b0, t0[0], b1, b2)
+    assert many.step == 3 and all(torch.equal(a[k], v) for k, v in weights(many).items())

@@ -245,10 +245,12 @@ def test_two_stores_on_one_location_see_each_others_parts(tmp_path):
     a = TargetStore(str(tmp_path), "t", "k" * 64)
     b = TargetStore(str(tmp_path), "t", "k" * 64, refresh_s=0.0)
     slow = TargetStore(str(tmp_path), "t", "k" * 64, refresh_s=3600.0)
-    assert b.get(["x"]) == [None] and slow.get(["x"]) == [None]
+    local = TargetStore(str(tmp_path), "t", "k" * 64)  # a filesystem: listed on every miss
+    assert local.refresh_s == 0.0
+    assert b.get(["x"]) == [None] and slow.get(["x"]) == [None] and local.get(["x"]) == [None]
     a.put(["x"], [entry])
     (got,) = b.get(["x"])  # b refreshes its index on a miss
-    assert got is not None
+    assert got is not None and local.get(["x"])[0] is not None
     assert slow.get(["x"]) == [None]  # listed a moment ago: the miss is recomputed, not listed
     np.testing.assert_array_equal(got[0], entry[0])
     other = TargetStore(str(tmp_path), "t", "j" * 64)  # another teacher key: its own directory
@@ -274,6 +276,7 @@ def test_the_store_works_on_s3(s3_bucket):
     assert got is not None
     np.testing.assert_array_equal(got[1], entry[1])
     assert any(n.endswith(".keys") for n in storage.list_dir(fresh.dir))
+    assert fresh.refresh_s == 30.0  # listing a bucket is a request: at most every 30 s
 
 
 # ---------------------------------------------------------------------- work ahead (planner)
@@ -411,3 +414,33 @@ def test_store_cold_warm_and_work_ahead_end_with_the_same_student(
     assert (tmp_path / "own" / "targets").is_dir() and not (tmp_path / "ahead" / "targets").exists()
     own = summaries["own"]["target_store"]
     assert all(c["ahead"] == 0 for c in own.values())
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ablation_arms_share_the_store_the_second_arm_computes_nothing(
+    ray_cluster, tiny_config, tmp_path
+):
+    """Two arms asking the same teacher for the same batches (standard KD, the second with
+    another student learning rate), one after the other: the first computes every target row, the
+    second is served all of them from the ablation's shared store (hits only, no misses), and
+    the store holds them once."""
+    from clpd_ray.ablation.arms import parse_arms
+    from clpd_ray.ablation.runner import run_ablation
+
+    config = tiny_config()
+    arms = parse_arms(["standard_kd", "slow-lr=standard_kd@student.lr=0.001"], config)
+    out = tmp_path / "ablation"
+    run_ablation(config, out, arms, [0], parallel=1, log=lambda _: None)
+    first, second = (
+        json.loads((out / "runs" / a.slug / "seed-0" / "summary.json").read_text())["target_store"]
+        for a in arms
+    )
+    rows = config.train.total_steps * config.train.batch_size
+    assert set(first) == set(second) == {"t2"}  # standard KD asks the strongest teacher only
+    assert first["t2"]["hits"] + first["t2"]["misses"] == rows
+    assert first["t2"]["misses"] > 0 and first["t2"]["ahead"] == 0
+    assert second["t2"] == {"hits": rows, "misses": 0, "ahead": 0}
+    assert (out / "targets").is_dir() and not (
+        out / "runs" / arms[0].slug / "seed-0" / "targets"
+    ).exists()

@@ -4,8 +4,9 @@ Each teacher in ``config.teachers.ladder`` without a ``path`` is built (``ModelS
 locally with plain supervised learning on the training examples (the embedded task, or external
 data such as GSM8K on a real tokenizer), then cached as a ``save_pretrained`` directory
 (safetensors + tokenizer + ``accuracy.json``), keyed by the data, the tokenizer and the teacher's
-settings, so a second run loads it instantly. Teachers with a ``path`` are loaded as they are and
-scored on the same held-out set, their scores cached beside the built teachers::
+settings, so a second run loads it instantly. Several missing teachers train at once, one
+process each (``ladder_pool``), the longest first. Teachers with a ``path`` are loaded as they
+are and scored on the same held-out set, their scores cached beside the built teachers::
 
     <cache_dir>/teachers/<name>-<key>/
         config.json  model.safetensors  tokenizer.json ...  accuracy.json
@@ -20,10 +21,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,12 +35,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from clpd_ray.config import Config, TeacherSpec, check_path_name, default_cache_dir
-from clpd_ray.data.batching import encode_examples
+from clpd_ray.data.batching import Encoded, encode_examples, tokenize_rows
 from clpd_ray.data.example import AnswerExtractor, Example
 from clpd_ray.data.prompt_format import PromptFormat
 from clpd_ray.data.task import HELD_OUT_SPLIT
 from clpd_ray.data.tokenizer import load_tokenizer
 from clpd_ray.distill.chunked import chunked_sum, output_head
+from clpd_ray.distill.ladder_pool import TeacherJob, train_in_processes, worker_count
 from clpd_ray.distill.losses import hard_ce_loss_flat
 from clpd_ray.distill.models import build_model, count_parameters, load_causal_lm
 from clpd_ray.distill.training import evaluate_accuracy, make_optimizer, to_torch
@@ -93,7 +97,8 @@ def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
 def _spec_key(spec: TeacherSpec) -> dict:
     # Keys added after version 1 enter the payload only when set: old caches stay valid.
     unset = {k for k in ("tokenizer", "vocab_size") if getattr(spec, k) is None}
-    return spec.model_dump(mode="json", exclude={"name", *unset})
+    # ``replicas`` is how many actors serve the teacher, not how it is trained.
+    return spec.model_dump(mode="json", exclude={"name", "replicas", *unset})
 
 
 def teacher_cache_key(
@@ -209,9 +214,13 @@ def train_teacher(
     max_new_tokens: int | None = None,
     fmt: PromptFormat = _PLAIN,
     extractor: AnswerExtractor | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> LadderEntry:
-    """Train one teacher on ``train``, measure it on ``held_out``, write it atomically to ``out_dir``."""
+    """Train one teacher on ``train``, measure it on ``held_out``, write it atomically to ``out_dir``.
+
+    ``on_step(steps_done)`` is called after each step (the worker processes report through it)."""
     _check_entry_dir(out_dir)
+    rows = _TokenRows.encode(tokenizer, train, max_length, fmt)  # once, not every step
     model = build_model(spec, tokenizer, seed=seed)
     split = output_head(model)
     model.train()
@@ -223,16 +232,18 @@ def train_teacher(
     bar = tqdm(
         range(spec.train_steps), desc=f"train {spec.name}", disable=not progress, leave=False
     )
-    for _ in bar:
+    for step in bar:
         idx = rng.integers(0, len(train), batch_size)
-        enc = encode_examples(tokenizer, [train[i] for i in idx], max_length, fmt)
-        loss = _lm_loss(model, to_torch(enc), len(tokenizer), split=split)
+        loss = _lm_loss(model, to_torch(rows.batch(idx)), len(tokenizer), split=split)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        if progress:
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        if on_step is not None:
+            on_step(step + 1)
     train_s = time.perf_counter() - start
     acc = _score(model, tokenizer, held_out, max_length, max_new_tokens, fmt, extractor)
     acc.update(
@@ -251,6 +262,61 @@ def train_teacher(
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return LadderEntry(spec.name, out_dir, acc, acc["parameters"])
+
+
+@dataclass(frozen=True)
+class _TokenRows:
+    """Every training example tokenized once, end to end: ``batch(idx)`` is what
+    ``encode_examples(tokenizer, [examples[i] for i in idx], max_length, fmt)`` returns (the
+    same ids, padding and loss mask; a test checks it) without tokenizing text every step."""
+
+    ids: np.ndarray  # (sum of lengths,) int64: each row's tokens (prompt, target, end), truncated
+    starts: np.ndarray  # (N,) int64: where row i begins in ``ids``
+    lengths: np.ndarray  # (N,) int64
+    n_prompt: np.ndarray  # (N,) int64: leading prompt tokens of each row
+    pad: int
+
+    @classmethod
+    def encode(
+        cls,
+        tokenizer: PreTrainedTokenizerBase,
+        examples: Sequence[Example],
+        max_length: int | None,
+        fmt: PromptFormat,
+        chunk: int = 4096,
+    ) -> _TokenRows:
+        rows: list[tuple[list[int], int]] = []
+        for s in range(0, len(examples), chunk):  # bounded memory for the offsets of big data
+            rows += tokenize_rows(tokenizer, examples[s : s + chunk], fmt)
+        if max_length is not None:
+            rows = [(ids[:max_length], n) for ids, n in rows]
+        lengths = np.asarray([len(ids) for ids, _ in rows], dtype=np.int64)
+        starts = np.zeros(len(rows), dtype=np.int64)
+        if len(rows) > 1:
+            starts[1:] = np.cumsum(lengths[:-1])
+        flat = np.fromiter((t for ids, _ in rows for t in ids), np.int64, int(lengths.sum()))
+        eos = tokenizer.eos_token_id
+        if eos is None:  # as encode_examples says it
+            raise ValueError(
+                "the tokenizer has no eos token; set tokenizer.eos_token before encoding"
+            )
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        n_prompt = np.asarray([n for _, n in rows], dtype=np.int64)
+        return cls(flat, starts, lengths, n_prompt, int(pad))
+
+    def batch(self, idx: np.ndarray) -> Encoded:
+        lengths = self.lengths[idx]
+        n, width = len(idx), int(lengths.max()) if len(idx) else 1
+        input_ids = np.full((n, width), self.pad, dtype=np.int64)
+        attention = np.zeros((n, width), dtype=np.int64)
+        loss_mask = np.zeros((n, width), dtype=bool)
+        for r, i in enumerate(idx):
+            start, length = int(self.starts[i]), int(lengths[r])
+            input_ids[r, :length] = self.ids[start : start + length]
+            attention[r, :length] = 1
+            # Positions plen-1 .. len-2 predict the target tokens and the end token.
+            loss_mask[r, max(int(self.n_prompt[i]) - 1, 0) : length - 1] = True
+        return Encoded(input_ids, attention, loss_mask, np.arange(n, dtype=np.int64))
 
 
 def _score(
@@ -383,15 +449,21 @@ def ensure_ladder(
     progress: bool = True,
     score_paths: bool = True,
     max_new_tokens: int | None = None,
+    workers: int | None = None,
 ) -> list[LadderEntry]:
     """Every teacher of the ladder, weakest first, trained and cached where needed.
 
     Built teachers are sized for ``tokenizer`` (the run's shared one) unless their spec names
     its own ``tokenizer``. Teachers given by ``path`` are scored on ``held_out`` too when
     ``score_paths`` (on the driver, on a GPU when it has one; cached), else taken with the
-    ``accuracy.json`` their directory may hold."""
+    ``accuracy.json`` their directory may hold.
+
+    Missing teachers train at once in ``workers`` processes (``ladder_pool``; default: one per
+    CPU and at most one per teacher when they have enough steps to be worth it, or
+    $CLPD_LADDER_WORKERS); with one, here, one after the other."""
     cache = default_cache_dir(config) / "teachers"
-    entries = []
+    entries: list[LadderEntry | None] = []
+    jobs: list[tuple[int, TeacherJob]] = []  # (ladder position, job) of each missing teacher
     for spec in config.teachers.ladder:
         if spec.path:
             path = Path(spec.path).expanduser()
@@ -426,24 +498,63 @@ def ensure_ladder(
             entries.append(LadderEntry(spec.name, out, acc, acc.get("parameters")))
             continue
         out.parent.mkdir(parents=True, exist_ok=True)
-        entry = train_teacher(
-            spec,
-            tok,
-            train,
-            held_out,
+        jobs.append((len(entries), TeacherJob(spec, tok, out, _max_length(config, spec))))
+        entries.append(None)
+    if jobs:
+        trained = _train_missing(
+            [job for _, job in jobs],
+            worker_count([job.spec.train_steps for _, job in jobs], workers),
+            train=train,
+            held_out=held_out,
+            progress=progress,
             batch_size=config.teachers.batch_size,
             seed=config.seed,
-            out_dir=out,
-            progress=progress,
-            max_length=_max_length(config, spec),
             max_new_tokens=max_new_tokens,
             fmt=PromptFormat.from_config(config),
             extractor=AnswerExtractor.from_config(config),
         )
+        for (at, _), entry in zip(jobs, trained, strict=True):
+            entries[at] = entry
+    return [e for e in entries if e is not None]
+
+
+def _train_missing(
+    jobs: list[TeacherJob],
+    workers: int,
+    *,
+    train: list[Example],
+    held_out: list[Example],
+    progress: bool,
+    **common: Any,
+) -> list[LadderEntry]:
+    """The missing teachers, trained in ``workers`` processes, or here when that is 1."""
+    if workers > 1:
+        return train_in_processes(
+            jobs,
+            workers,
+            train=train,
+            held_out=held_out,
+            progress=progress,
+            announce=_announce,
+            **common,
+        )
+    done = []
+    for job in jobs:
+        entry = train_teacher(
+            job.spec,
+            job.tokenizer,
+            train,
+            held_out,
+            out_dir=job.out_dir,
+            progress=progress,
+            max_length=job.max_length,
+            **common,
+        )
         if progress and entry.accuracy:
-            tqdm.write(_announce(spec.name, entry.accuracy))
-        entries.append(entry)
-    return entries
+            tqdm.write(_announce(job.spec.name, entry.accuracy))
+            sys.stdout.flush()  # at once in a log too (tqdm.write does not flush)
+        done.append(entry)
+    return done
 
 
 def accuracy_table(entries: list[LadderEntry]) -> str:

@@ -13,7 +13,9 @@ cluster that refuses the client's token ~20 times over 20 s, then raises ``Conne
                                                                       `ray get-auth-token`
             ─▶ ray.init (kept: the run uses this connection)
 
-No address means a local Ray started here, with token authentication on (Ray's default).
+No address means a local Ray started here, with token authentication on (Ray's default), and
+SIGTERM blocked in its processes, so a SIGTERM to the whole process group (``kill -TERM -PGID``,
+Slurm) reaches only the driver, which then stops at a step boundary (``cleanup.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import ray
 
 from clpd_ray.config import Config
 from clpd_ray.errors import ClusterError
+from clpd_ray.runtime.cleanup import shielding_ray_from_group_sigterm
 
 __all__ = [
     "NAMESPACE",
@@ -97,7 +100,8 @@ def ensure_ray(config: Config, address: str | None = None) -> None:
             "off, so anyone who can reach the dashboard port can run code; unset it"
         )
     if not address:
-        ray.init(**local_init_kwargs(config))
+        with shielding_ray_from_group_sigterm():
+            ray.init(**local_init_kwargs(config))
         return
     try:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)

@@ -7,9 +7,14 @@ device of every actor. Example::
     clpd run 3f9a2c1d -> s3://bucket/runs/demo
       ray:       joined 10.0.0.1:6379; dashboard http://10.0.0.1:8265
       placement: GPU bundles: 1 GPU per teacher and for the student; teacher_slot / student_slot nodes
-      teacher-t-small-3f9a2c1d   10.0.0.2 (node 5e1f09ab)  cuda:0  GPU 0
-      student-3f9a2c1d           10.0.0.5 (node 0c77d1e2)  cuda:0  GPU 0
-      scheduler-3f9a2c1d         10.0.0.1 (node 9a0b3c4d)  cpu
+      teacher-t-small-3f9a2c1d     10.0.0.2 (node 5e1f09ab)  cuda:0  GPU 0
+      teacher-t-large-3f9a2c1d     10.0.0.3 (node 77a0c2e1)  cuda:0  GPU 0
+      teacher-t-large-r1-3f9a2c1d  10.0.0.4 (node b1d2e3f4)  cuda:0  GPU 0
+      student-3f9a2c1d             10.0.0.5 (node 0c77d1e2)  cuda:0  GPU 0
+      scheduler-3f9a2c1d           10.0.0.1 (node 9a0b3c4d)  cpu
+
+A teacher with ``replicas: N`` has a line per replica (``-r<k>`` before the run id for k >= 1):
+each is an actor with its own node and device.
 """
 
 from __future__ import annotations

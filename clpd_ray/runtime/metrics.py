@@ -164,9 +164,11 @@ class RunMetrics:
         kd_loss: float | None = None,
         ce_loss: float | None = None,
         target_bytes: Mapping[str, int] | None = None,
+        steps: int = 1,
     ) -> None:
-        """One optimiser step of the student: its loss (and its KD and CE parts), throughput,
-        learning rate, and the bytes of teacher targets it received (``{teacher: bytes}``)."""
+        """``steps`` optimiser steps of the student (one call's): the latest loss (and its KD and
+        CE parts), throughput, learning rate, and the bytes of teacher targets it received
+        (``{teacher: bytes}``)."""
         m = self._get()
         if m is None:
             return
@@ -178,7 +180,7 @@ class RunMetrics:
             self._set_gauge(m, "kd_loss", float(kd_loss), tags)
         if ce_loss is not None:
             self._set_gauge(m, "ce_loss", float(ce_loss), tags)
-        m["steps"].inc(1.0, tags=tags)
+        m["steps"].inc(float(steps), tags=tags)
         for teacher, nbytes in (target_bytes or {}).items():
             if nbytes > 0:  # Ray counters reject increments <= 0
                 m["target_bytes"].inc(

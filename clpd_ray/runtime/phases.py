@@ -8,7 +8,7 @@ A phase still running after 1 s prints ``clpd: starting the actors and loading t
 to stderr, and ``clpd: starting the actors ...: done in 7.4 s`` when it ends; a quicker one prints
 nothing (so a check that fails at once leaves only its error line). While it lasts, a heartbeat
 keeps the console alive: on a terminal a spinner with the elapsed seconds on the phase's own line;
-in a log (not a terminal) a ``clpd: still ... (N s)`` line every 5 s for the first minute, then
+in a log (not a terminal) a ``clpd: still ... (N s)`` line every 4 s for the first minute, then
 every 30 s. ``heartbeat=False`` for a phase that draws bars of its own (teacher training): its line
 is printed at once, before them, and nothing else until its end. With ``progress`` off (an
 ablation's parallel runs) the lines go to the log at INFO instead, with no heartbeat.
@@ -29,7 +29,7 @@ __all__ = ["phase"]
 _log = logging.getLogger("clpd_ray.runtime.run")
 _SPINNER = "|/-\\"
 _SHOW_AFTER_S = 1.0  # a phase shorter than this prints nothing
-_EVERY_S = 5.0  # heartbeats in a log: this often for the first minute,
+_EVERY_S = 4.0  # heartbeats in a log: this often for the first minute (under 5 s of quiet),
 _LATER_EVERY_S = 30.0  # then this often
 
 

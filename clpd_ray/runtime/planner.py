@@ -8,6 +8,9 @@ each step is. For step j, with prefetch depth D (``train.prefetch``) and probe i
     observation(j)   ──▶ policy.decide (in the scheduler actor) ──▶ plan(j, decision, state)
     plan(j)          decision row if something changed, teachers to release, the batch (sampler),
                      the teachers to ask, probe / checkpoint / eval after this step
+    ends_call(plan)  whether step j ends the student's next call (the executor sends up to
+                     D // 2 planned steps in one call; a probe, evaluation or checkpoint after
+                     j, or the last step, ends one early)
     record(result)   ──▶ metrics rows, one per window of ``train.log_every`` steps, each with the
                      stage and teacher of the steps it aggregates
     state_dict(N)    what a checkpoint after N steps needs to plan step N again exactly as the
@@ -96,6 +99,11 @@ class Planner:
         self.log_every = config.train.log_every
         self.probe_every = config.scheduler.probe_every
         self.probe_lag = max(self.D + 1, self.probe_every // 2)
+        # Steps the student runs per call (ends_call): a call's results all come back at its
+        # end, and step j's plan needs the results of steps <= j-D-1; with D // 2 steps per call
+        # the driver can plan a call's last step while the student still has two steps or more
+        # queued, so the student never waits for the driver.
+        self.steps_per_call = max(1, self.D // 2)
         self.keep_losses = max(50, self.log_every)  # observations read the last 50 and log_every
         self.stages = split_stages(
             workload.scores,
@@ -223,6 +231,18 @@ class Planner:
             probe_after=self._probes_after(j),
             checkpoint_after=bool(every) and done % every == 0 and done < self.total,
             eval_after=bool(eval_every) and done % eval_every == 0 and done < self.total,
+        )
+
+    def ends_call(self, plan: StepPlan, held: int) -> bool:
+        """Whether ``plan``'s step, the ``held``-th planned step not yet sent to the student,
+        ends the student's next call: at ``steps_per_call`` steps, where a probe, evaluation or
+        checkpoint must see the weights right after the step, and at the last step."""
+        return (
+            held >= self.steps_per_call
+            or plan.probe_after
+            or plan.eval_after
+            or plan.checkpoint_after
+            or plan.step + 1 >= self.total
         )
 
     def _probes_after(self, j: int) -> bool:

@@ -31,6 +31,7 @@ from clpd_ray.messages import Decision, ProbeResult, StepResult
 
 __all__ = [
     "STATE_VERSION",
+    "StateLostError",
     "decision_from_json",
     "decision_to_json",
     "describe_failure",
@@ -45,8 +46,16 @@ __all__ = [
 
 STATE_VERSION = 1
 
-# A lost actor (dead, restarting, or on a lost node) or a lost object: replay from a checkpoint.
-_RECOVERABLE = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
+
+class StateLostError(RuntimeError):
+    """Raised by a restarted stateful actor called before its state was put back: a call that
+    reached the new instance instead of failing with the old one (Ray queues calls made while
+    an actor restarts and sends them to the new instance)."""
+
+
+# A lost actor (dead, restarting, or on a lost node), a lost object, or a restarted actor that
+# lost its state: replay from a checkpoint.
+_RECOVERABLE = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, StateLostError)
 
 
 def is_recoverable(err: BaseException) -> bool:

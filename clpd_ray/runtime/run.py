@@ -319,8 +319,11 @@ def _announce(launcher: Launcher, run_dir: str, address: str | None, progress: b
         dashboard=dashboard_url(),
         placement=launcher.placement,
         places=launcher.locate(),
-        not_started=[
-            launcher.teacher_name(i) for i, h in enumerate(launcher.actors.teachers) if h is None
+        not_started=[  # every replica's name
+            name
+            for i, h in enumerate(launcher.actors.teachers)
+            if h is None
+            for name in launcher.teacher_names(i)
         ],
     )
     if progress:
@@ -469,6 +472,8 @@ def _train_and_summarise(
         "run_id": launcher.run_id,
         "policy": resolved.name,
         "steps": stats.steps,
+        # The whole run (checks, teacher ladder, Ray, actors, training, evaluation; not the
+        # imports before it), and its training loop alone (replays included).
         "wall_s": round(time.perf_counter() - start, 2),
         "train_wall_s": round(stats.wall_s, 2),
         "recoveries": stats.recoveries,

@@ -4,8 +4,10 @@ SIGTERM is what Kubernetes, Slurm and ``ray job stop`` send; SIGINT is Ctrl-C. B
 the same way (no Ray import here: the CLI installs the handlers before Ray starts)::
 
     clpd run ──▶ handling_stop_signals()   a signal while data, teachers, actors get ready
-                                             ──▶ Interrupted at once
-      _execute ──▶ handling_stop_signals(armed=True)   (again: ray.init replaced SIGTERM's)
+                                             ──▶ Interrupted at once (one while a local Ray
+                                             starts: once ray.init has returned, cleanup.py)
+      _execute ──▶ handling_stop_signals(armed=True)   (again: ray.init of a joined cluster
+                                                       replaces SIGTERM's handler)
         1st signal ──▶ stop requested: the executor stops at the next step boundary, commits a
                        checkpoint there and raises RunStopped
         2nd signal, or CLPD_STOP_GRACE_S later ──▶ Interrupted at once (the last committed
@@ -15,6 +17,10 @@ the same way (no Ray import here: the CLI installs the handlers before Ray start
 
 Handlers are installed only from the main thread (Python allows no other); elsewhere (an
 ablation's run threads) the defaults stay.
+
+A SIGTERM to the whole process group (``kill -TERM -PGID``, Slurm's ``scancel``) is handled the
+same way: the local Ray that clpd starts blocks SIGTERM in its processes (cleanup.py), so only
+the driver acts on it, and it stops Ray itself on its way out.
 """
 
 from __future__ import annotations

@@ -34,7 +34,12 @@ RUN = "run"  # teachers.target_store value for a store in the run's own storage:
 # stage's targets (a few thousand examples x a few hundred tokens x k=64 x 6 B) fit, so a part is
 # read once per run even when another run's sampler order wrote it.
 _CACHE_BYTES = 1 << 30
-_REFRESH_S = 30.0  # list the store for other writers' parts at most this often
+# List the store for other writers' parts (replicas of the teacher, parallel runs) at most this
+# often when a request has a missing row: on s3 a listing is a paid request; a local or shared
+# filesystem is listed on every such request, so a replica sees at once what another one worked
+# ahead (a part missed is recomputed with the same bits: only work is lost).
+_REFRESH_S = 30.0
+_REFRESH_S_LOCAL = 0.0
 
 
 def store_location(config: Config, run_uri: str) -> str | None:
@@ -59,12 +64,15 @@ class TargetStore:
         key: str,
         *,
         cache_bytes: int = _CACHE_BYTES,
-        refresh_s: float = _REFRESH_S,
+        refresh_s: float | None = None,
     ) -> None:
         """``refresh_s``: how stale the index of other writers' parts may get (a part missed
-        is recomputed, with the same bits: only work is lost)."""
+        is recomputed, with the same bits: only work is lost); None: 30 s on s3, 0 on a
+        filesystem."""
         self.key = key
         self.cache_bytes = cache_bytes
+        if refresh_s is None:
+            refresh_s = _REFRESH_S if storage.is_s3(root) else _REFRESH_S_LOCAL
         self.refresh_s = refresh_s
         self._refreshed: float | None = None  # time.monotonic() of the last listing
         self.dir = storage.join(root, f"{teacher}-{key[:16]}")

@@ -12,6 +12,13 @@ Names: every run has a run id, so several runs share a cluster: the placement gr
 ``scheduler-<run id>`` in namespace ``clpd`` (an ablation appends its arm and seed), as the
 dashboard's Actors view shows them.
 
+Replicas (``teachers.ladder[].replicas: N``): a teacher is N actors, each in a bundle of its
+own (its own GPU on a GPU cluster), named ``teacher-<name>-<run id>`` (replica 0) and
+``teacher-<name>-r<k>-<run id>`` (replica k), behind one
+:class:`~clpd_ray.runtime.teacher_pool.TeacherPool`: :meth:`Launcher.teacher` returns the pool,
+whose ``.targets.remote(...)`` etc. go to the least loaded replica. Each replica restarts on its
+own as a single teacher does; releasing a teacher releases all its replicas.
+
 Fault tolerance (see docs/reliability.md): teachers are stateless, so Ray restarts them and re-runs
 their in-flight requests (``max_task_retries=-1``), at most ``TEACHER_MAX_RESTARTS`` times per
 instance, and the launcher replaces a teacher whose restarts ran out at most
@@ -47,6 +54,7 @@ from clpd_ray.runtime.actors.student import StudentTrainer
 from clpd_ray.runtime.actors.teacher import TeacherService
 from clpd_ray.runtime.connect import NAMESPACE
 from clpd_ray.runtime.placement import Placement, plan_placement
+from clpd_ray.runtime.teacher_pool import TeacherPool
 
 __all__ = [
     "NAMESPACE",
@@ -73,7 +81,8 @@ TEACHER_MAX_REPLACEMENTS = 2
 class Actors:
     student: Any
     scheduler: Any
-    teachers: list[Any] = field(default_factory=list)  # None where a teacher is not resident
+    # A TeacherPool per teacher (its replicas), None where a teacher is not resident.
+    teachers: list[Any] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -89,10 +98,10 @@ class ActorPlace:
 
 @dataclass
 class _Retiring:
-    """A released teacher that still owes answers to ``pending`` requests."""
+    """A released teacher (all its replicas) that still owes answers to ``pending`` requests."""
 
     index: int
-    handle: Any
+    handle: TeacherPool
     pending: list[Any]
 
 
@@ -140,8 +149,14 @@ class Launcher:
     def pg_name(self) -> str:
         return f"clpd-{self.run_id}{self.suffix}"
 
-    def teacher_name(self, i: int) -> str:
-        return self.actor_name(f"teacher-{self.names[i]}")
+    def teacher_name(self, i: int, replica: int = 0) -> str:
+        """Replica 0: ``teacher-<name>-<run id>``; replica k: ``teacher-<name>-r<k>-<run id>``."""
+        tag = f"-r{replica}" if replica else ""
+        return self.actor_name(f"teacher-{self.names[i]}{tag}")
+
+    def teacher_names(self, i: int) -> list[str]:
+        """The actor names of every replica of teacher ``i``."""
+        return [self.teacher_name(i, r) for r in range(self.placement.replicas_of(i))]
 
     # ------------------------------------------------------------------ placement
     def _place(self) -> PlacementGroup:
@@ -151,7 +166,8 @@ class Launcher:
         if not ready:
             remove_placement_group(pg)
             raise ClusterError(
-                f"the Ray cluster cannot place {len(self.names)} teachers + student + scheduler "
+                f"the Ray cluster cannot place {self.placement.teacher_actors} teacher actors + "
+                "student + scheduler "
                 f"with bundles {bundles} within {_PG_TIMEOUT_S} s (cluster has "
                 f"{ray.cluster_resources()}, free now {ray.available_resources()}); other runs "
                 "may hold them: wait for them, add GPUs/CPUs, or set cluster.gpus_per_actor: 0 "
@@ -178,6 +194,7 @@ class Launcher:
         self.pg = self._place()
         c = self.config
         n = len(self.names)
+        student_bundle = self.placement.student_bundle
         student_name = self.actor_name("student")
         student_cls = _reporting_init_errors(StudentTrainer, student_name, self.tokenizer_dir)
         student: Any = (
@@ -185,7 +202,10 @@ class Launcher:
             ray.remote(concurrency_groups={"probe": 1})(student_cls)  # type: ignore[call-overload]
             .options(
                 **self._options(
-                    n, student_name, max_restarts=STATEFUL_MAX_RESTARTS, max_task_retries=0
+                    student_bundle,
+                    student_name,
+                    max_restarts=STATEFUL_MAX_RESTARTS,
+                    max_task_retries=0,
                 )
             )
             .remote(c, self.tokenizer_dir, run_id=self.run_id)
@@ -198,7 +218,10 @@ class Launcher:
             ray.remote(scheduler_cls)
             .options(
                 **self._options(
-                    n + 1, scheduler_name, max_restarts=STATEFUL_MAX_RESTARTS, max_task_retries=0
+                    self.placement.scheduler_bundle,
+                    scheduler_name,
+                    max_restarts=STATEFUL_MAX_RESTARTS,
+                    max_task_retries=0,
                 )
             )
             .remote(
@@ -217,8 +240,9 @@ class Launcher:
                 self.teacher(i)
         return self.actors
 
-    def teacher(self, i: int) -> Any:
-        """The handle of teacher ``i``, started on first use (resident teachers already are).
+    def teacher(self, i: int) -> TeacherPool:
+        """Teacher ``i`` (a :class:`TeacherPool` of its replicas, called like an actor handle),
+        started on first use (resident teachers already are).
 
         A teacher released but still finishing its requests is taken back, not started again.
         """
@@ -231,16 +255,24 @@ class Launcher:
                 self.actors.teachers[i] = back.handle
             else:
                 self.actors.teachers[i] = self._start_teacher(i)
-        return self.actors.teachers[i]
+        pool: TeacherPool = self.actors.teachers[i]
+        return pool
 
-    def _start_teacher(self, i: int) -> Any:
-        name = self.teacher_name(i)
+    def _start_teacher(self, i: int) -> TeacherPool:
+        replicas = [self._start_replica(i, r) for r in range(self.placement.replicas_of(i))]
+        return TeacherPool(self.teacher_name(i), replicas)
+
+    def _start_replica(self, i: int, replica: int) -> Any:
+        name = self.teacher_name(i, replica)
         cls = _reporting_init_errors(TeacherService, name, f"model {self.teacher_dirs[i]}")
+        bundle = self.placement.teacher_bundle(i, replica)
         return (
             ray.remote(cls)
             .options(
                 # Target requests are idempotent: a restarted teacher re-runs them.
-                **self._options(i, name, max_restarts=TEACHER_MAX_RESTARTS, max_task_retries=-1)
+                **self._options(
+                    bundle, name, max_restarts=TEACHER_MAX_RESTARTS, max_task_retries=-1
+                )
             )
             .remote(
                 self.names[i],
@@ -263,7 +295,8 @@ class Launcher:
 
         ``pending``: the ObjectRefs of the requests submitted to teacher ``i`` that may still be
         queued or running (``targets``/``generate`` results not yet consumed). Killing the actor
-        before they finish would fail them and force a replay. The teacher is killed by a later
+        before they finish would fail them and force a replay (the requests the teacher's replicas
+        have not answered yet are added to ``pending``). The teacher is killed by a later
         :meth:`reap` (every :meth:`teacher` and :meth:`release_teacher` call runs one) once they
         are all done, or by :meth:`shutdown`. Used by ``teachers.resident: needed``.
         """
@@ -271,7 +304,9 @@ class Launcher:
         handle = self.actors.teachers[i]
         if handle is not None:
             self.actors.teachers[i] = None
-            self._retiring.append(_Retiring(i, handle, list(pending)))
+            known = {id(r) for r in pending}
+            owed = [*pending, *(r for r in handle.outstanding() if id(r) not in known)]
+            self._retiring.append(_Retiring(i, handle, owed))
         self.reap()
 
     def reap(self) -> int:
@@ -287,15 +322,18 @@ class Launcher:
             if r.pending:
                 waiting.append(r)
             else:
-                ray.kill(r.handle, no_restart=True)
+                for h in r.handle.replicas:
+                    ray.kill(h, no_restart=True)
         self._retiring = waiting
         return len(waiting)
 
     def forget_teacher(self, i: int) -> None:
-        """Drop the handle of a teacher that is dead for good; :meth:`teacher` starts a new one,
-        at most ``TEACHER_MAX_REPLACEMENTS`` times per teacher in a run."""
+        """Replace the replicas of teacher ``i`` that are dead for good (restarts used up) or do
+        not answer: with one replica, drop it (:meth:`teacher` starts a new one); with several,
+        start new actors in place of the lost ones and keep the live ones. At most
+        ``TEACHER_MAX_REPLACEMENTS`` times per teacher in a run."""
         assert self.actors is not None
-        self.actors.teachers[i] = None
+        pool = self.actors.teachers[i]
         self._replaced[i] += 1
         if self._replaced[i] > TEACHER_MAX_REPLACEMENTS:
             raise ClusterError(
@@ -305,6 +343,16 @@ class Launcher:
                 "the dashboard (Actors, or `ray logs`), give it a larger GPU or "
                 "cluster.gpus_per_actor, then continue with `clpd run --resume <run dir>`"
             )
+        if pool is None:
+            return
+        lost = _lost_replicas(pool.replicas)
+        if len(lost) in (0, len(pool.replicas)):  # all lost, or none singled out: start afresh
+            lost = list(range(len(pool.replicas)))
+            self.actors.teachers[i] = None
+        for r in lost:
+            _kill_quietly(pool.replicas[r])  # an unresponsive one too: its name is reused
+            if self.actors.teachers[i] is not None:
+                pool.replace(r, self._start_replica(i, r))
 
     # ------------------------------------------------------------------ where they landed
     def locate(self, timeout_s: float = 600.0) -> list[ActorPlace]:
@@ -316,7 +364,9 @@ class Launcher:
         assert self.actors is not None
         named = [(self.actor_name("student"), self.actors.student)]
         named.append((self.actor_name("scheduler"), self.actors.scheduler))
-        named += [(self.teacher_name(i), h) for i, h in enumerate(self.actors.teachers) if h]
+        for i, pool in enumerate(self.actors.teachers):
+            if pool is not None:  # every replica, under its own name
+                named += [(self.teacher_name(i, r), h) for r, h in enumerate(pool.replicas)]
         refs = [h.__ray_call__.remote(_where) for _, h in named]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         if len(ready) < len(refs):
@@ -336,10 +386,13 @@ class Launcher:
 
     def shutdown(self) -> None:
         """Kill every actor of the run (released ones too) and free the placement group."""
-        handles = [r.handle for r in self._retiring]
+        handles = [h for r in self._retiring for h in r.handle.replicas]
         self._retiring = []
         if self.actors is not None:
-            handles += [self.actors.student, self.actors.scheduler, *self.actors.teachers]
+            handles += [self.actors.student, self.actors.scheduler]
+            handles += [
+                h for pool in self.actors.teachers if pool is not None for h in pool.replicas
+            ]
             self.actors = None
         for h in handles:
             if h is not None:
@@ -347,6 +400,31 @@ class Launcher:
         if self.pg is not None:
             remove_placement_group(self.pg)
             self.pg = None
+
+
+def _lost_replicas(handles: list[Any], timeout_s: float = 10.0) -> list[int]:
+    """The indices of the actors that are dead for good or do not answer within ``timeout_s``."""
+    refs = [h.ping.remote() for h in handles]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    lost = []
+    for r, ref in enumerate(refs):
+        if ref not in ready:
+            lost.append(r)
+            continue
+        try:
+            ray.get(ref)
+        except ray.exceptions.ActorDiedError:
+            lost.append(r)
+        except ray.exceptions.RayError:
+            pass  # restarting (unavailable): Ray brings it back
+    return lost
+
+
+def _kill_quietly(handle: Any) -> None:
+    try:
+        ray.kill(handle, no_restart=True)
+    except Exception:  # already gone
+        _ = None
 
 
 def _where(actor: Any) -> dict[str, Any]:

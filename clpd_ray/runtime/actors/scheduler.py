@@ -18,6 +18,7 @@ from clpd_ray.policies import SchedulerPolicy, check_decision, resolve_policy
 from clpd_ray.policies.guard import bind_policy, is_builtin, policy_call_error, policy_state
 from clpd_ray.runtime.actors.device import set_threads
 from clpd_ray.runtime.metrics import RunMetrics
+from clpd_ray.runtime.recovery import StateLostError
 
 __all__ = ["SchedulerService"]
 
@@ -45,6 +46,10 @@ class SchedulerService:
         self.teacher_names = list(teacher_names)
         self.metrics = RunMetrics(run_id)
         self.busy_s = 0.0  # time spent in decide()
+        # A restarted instance has lost the policy's state: it answers decide/state_dict only
+        # once the executor has put the state back (load_state_dict), so a call that reaches
+        # it after a crash fails, and the run replays, instead of deciding from a reset policy.
+        self._lost_state = _reconstructed()
 
     def __repr__(self) -> str:
         # Safe on a half-built object (Ray calls repr when __init__ raised).
@@ -64,6 +69,7 @@ class SchedulerService:
 
     def decide(self, obs: Observation) -> tuple[Decision, dict]:
         """The checked decision for ``obs`` and the policy state *before* it (for checkpoints)."""
+        self._check_state()
         start = time.perf_counter()
         before = policy_state(self.policy)  # JSON-ready: numpy numbers become plain ones
         try:
@@ -83,14 +89,32 @@ class SchedulerService:
         return decision, before
 
     def state_dict(self) -> dict:
+        self._check_state()
         return policy_state(self.policy)
 
     def load_state_dict(self, state: dict) -> None:
         """Put the policy back where a checkpoint left it (after a restart, resume or rewind)."""
         self.policy.load_state_dict(state)
+        self._lost_state = False
+
+    def _check_state(self) -> None:
+        if self._lost_state:
+            raise StateLostError(
+                "the scheduler actor was restarted and its policy state not restored yet"
+            )
 
     def stats(self) -> dict:
         return {"policy": self.policy.name, "busy_s": self.busy_s}
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def _reconstructed() -> bool:
+    """Whether this actor is a restarted instance (False outside Ray)."""
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
+    except Exception:  # not in an actor
+        return False
