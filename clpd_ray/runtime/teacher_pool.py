@@ -146,16 +146,14 @@ class TeacherPool:
         if name in _FANOUT and len(self.replicas) > 1:
             refs = [getattr(h, name).options(**opts).remote(*args, **kwargs) for h in self.replicas]
             return _merged.remote(*refs) if name == "stats" else refs
-        if len(self.replicas) == 1:  # nothing to balance: no ray.wait on the driver's path
-            method = getattr(self.replicas[0], name)
-            self.sent[0] += 1
-            return (method.options(**opts) if opts else method).remote(*args, **kwargs)
-        r = self.pick()
+        single = len(self.replicas) == 1  # nothing to balance: no ray.wait on the driver's path
+        r = 0 if single else self.pick()
         method = getattr(self.replicas[r], name)
         if opts:
             method = method.options(**opts)
         out = method.remote(*args, **kwargs)
-        first = out[0] if isinstance(out, list) else out  # num_returns > 1: all come together
-        self._outstanding[r].append(first)
+        if not single:  # a single replica's caller keeps its own refs (outstanding())
+            first = out[0] if isinstance(out, list) else out  # num_returns > 1: all come together
+            self._outstanding[r].append(first)
         self.sent[r] += 1
         return out
