@@ -310,14 +310,14 @@ def test_pre_encoded_batches_equal_encode_examples(tok, data, max_length):
     """train_teacher tokenizes the training set once: each step's batch must be exactly what
     encode_examples makes of the same rows (ids, padding, loss mask, truncation)."""
     train = data[0]
-    rows = ladder_mod._TokenRows.encode(tok, train, max_length, ladder_mod._PLAIN, chunk=7)
+    rows = ladder_mod._TokenRows.encode(tok, train, max_length, ladder_mod._PLAIN)
     rng = np.random.default_rng(0)
     for _ in range(20):
         idx = rng.integers(0, len(train), 8)
         want = encode_examples(tok, [train[i] for i in idx], max_length)
         _tokens_equal(rows.batch(idx), want)
     short = rows.batch(np.array([0]))  # one row: padded to its own length, no wider
-    assert short.input_ids.shape == (1, min(max_length or 10**9, int(rows.lengths[0])))
+    assert short.input_ids.shape == (1, min(max_length or 10**9, len(rows.rows[0][0])))
 
 
 def test_pre_encoded_batches_equal_encode_examples_in_chat_format():
@@ -332,7 +332,7 @@ def test_pre_encoded_batches_equal_encode_examples_in_chat_format():
     examples = load_examples(
         "sample:gsm8k/test.jsonl", prompt_field="question", cot_field="answer", chat=True
     )[:40]
-    rows = ladder_mod._TokenRows.encode(qtok, examples, 96, fmt, chunk=16)
+    rows = ladder_mod._TokenRows.encode(qtok, examples, 96, fmt)
     idx = np.array([3, 0, 39, 3, 17])
     _tokens_equal(rows.batch(idx), encode_examples(qtok, [examples[i] for i in idx], 96, fmt))
 

@@ -30,6 +30,8 @@ __all__ = [
     "encode_examples",
     "encode_prompts",
     "fit_examples",
+    "pad_id",
+    "pad_rows",
     "tokenize_rows",
 ]
 
@@ -119,10 +121,7 @@ def encode_examples(
     """
     if overlong not in ("truncate", "drop"):
         raise ValueError(f"overlong={overlong!r} is not one of 'truncate', 'drop'")
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    if eos is None:
-        raise ValueError("the tokenizer has no eos token; set tokenizer.eos_token before encoding")
+    pad = pad_id(tokenizer)
     rows: list[tuple[list[int], int]] = []
     kept: list[int] = []
     for i, row in enumerate(_rows(tokenizer, examples, fmt)):
@@ -133,6 +132,19 @@ def encode_examples(
             ids = ids[:max_length]
         rows.append((ids, row.n_prompt))
         kept.append(i)
+    return pad_rows(rows, pad, np.asarray(kept, dtype=np.int64))
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id rows are padded with: the pad token, else the end token (which must exist)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos token; set tokenizer.eos_token before encoding")
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos)
+
+
+def pad_rows(rows: Sequence[tuple[list[int], int]], pad: int, kept: np.ndarray) -> Encoded:
+    """Right-padded ids, attention and loss mask of (ids, n_prompt) rows (tokenize_rows')."""
     width = max((len(ids) for ids, _ in rows), default=1)
     n = len(rows)
     input_ids = np.full((n, width), pad, dtype=np.int64)
@@ -143,7 +155,7 @@ def encode_examples(
         attention[i, : len(ids)] = 1
         # Positions plen-1 .. len-2 predict the target tokens and the end token.
         loss_mask[i, max(plen - 1, 0) : len(ids) - 1] = True
-    return Encoded(input_ids, attention, loss_mask, np.asarray(kept, dtype=np.int64))
+    return Encoded(input_ids, attention, loss_mask, kept)
 
 
 @dataclass(frozen=True)

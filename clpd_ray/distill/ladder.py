@@ -35,7 +35,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from clpd_ray.config import Config, TeacherSpec, check_path_name, default_cache_dir
-from clpd_ray.data.batching import Encoded, encode_examples, tokenize_rows
+from clpd_ray.data.batching import Encoded, encode_examples, pad_id, pad_rows, tokenize_rows
 from clpd_ray.data.example import AnswerExtractor, Example
 from clpd_ray.data.prompt_format import PromptFormat
 from clpd_ray.data.task import HELD_OUT_SPLIT
@@ -266,14 +266,11 @@ def train_teacher(
 
 @dataclass(frozen=True)
 class _TokenRows:
-    """Every training example tokenized once, end to end: ``batch(idx)`` is what
+    """Every training example tokenized once: ``batch(idx)`` is what
     ``encode_examples(tokenizer, [examples[i] for i in idx], max_length, fmt)`` returns (the
     same ids, padding and loss mask; a test checks it) without tokenizing text every step."""
 
-    ids: np.ndarray  # (sum of lengths,) int64: each row's tokens (prompt, target, end), truncated
-    starts: np.ndarray  # (N,) int64: where row i begins in ``ids``
-    lengths: np.ndarray  # (N,) int64
-    n_prompt: np.ndarray  # (N,) int64: leading prompt tokens of each row
+    rows: list[tuple[list[int], int]]  # (ids incl. the end token, truncated; n prompt tokens)
     pad: int
 
     @classmethod
@@ -283,40 +280,15 @@ class _TokenRows:
         examples: Sequence[Example],
         max_length: int | None,
         fmt: PromptFormat,
-        chunk: int = 4096,
     ) -> _TokenRows:
-        rows: list[tuple[list[int], int]] = []
-        for s in range(0, len(examples), chunk):  # bounded memory for the offsets of big data
-            rows += tokenize_rows(tokenizer, examples[s : s + chunk], fmt)
+        rows = tokenize_rows(tokenizer, examples, fmt)
         if max_length is not None:
             rows = [(ids[:max_length], n) for ids, n in rows]
-        lengths = np.asarray([len(ids) for ids, _ in rows], dtype=np.int64)
-        starts = np.zeros(len(rows), dtype=np.int64)
-        if len(rows) > 1:
-            starts[1:] = np.cumsum(lengths[:-1])
-        flat = np.fromiter((t for ids, _ in rows for t in ids), np.int64, int(lengths.sum()))
-        eos = tokenizer.eos_token_id
-        if eos is None:  # as encode_examples says it
-            raise ValueError(
-                "the tokenizer has no eos token; set tokenizer.eos_token before encoding"
-            )
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        n_prompt = np.asarray([n for _, n in rows], dtype=np.int64)
-        return cls(flat, starts, lengths, n_prompt, int(pad))
+        return cls(rows, pad_id(tokenizer))
 
     def batch(self, idx: np.ndarray) -> Encoded:
-        lengths = self.lengths[idx]
-        n, width = len(idx), int(lengths.max()) if len(idx) else 1
-        input_ids = np.full((n, width), self.pad, dtype=np.int64)
-        attention = np.zeros((n, width), dtype=np.int64)
-        loss_mask = np.zeros((n, width), dtype=bool)
-        for r, i in enumerate(idx):
-            start, length = int(self.starts[i]), int(lengths[r])
-            input_ids[r, :length] = self.ids[start : start + length]
-            attention[r, :length] = 1
-            # Positions plen-1 .. len-2 predict the target tokens and the end token.
-            loss_mask[r, max(int(self.n_prompt[i]) - 1, 0) : length - 1] = True
-        return Encoded(input_ids, attention, loss_mask, np.arange(n, dtype=np.int64))
+        picked = [self.rows[i] for i in idx]
+        return pad_rows(picked, self.pad, np.arange(len(picked), dtype=np.int64))
 
 
 def _score(
