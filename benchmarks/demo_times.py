@@ -1,10 +1,11 @@
 """Whole-process wall time of ``clpd demo``, and its longest silence, by cache state.
 
 Modes: ``cold`` (full demo, empty teacher cache), ``warm`` (full demo, cached teachers),
-``quick`` (``--quick``, cached teachers) and ``quick-cold`` (``--quick`` on an empty teacher
-cache: the whole teacher ladder is trained first). Each mode runs ``--repeat`` times (default
-3) as a fresh process; the median is printed. Cold runs get an empty cache directory each
-($CLPD_CACHE); warm and quick runs share one cache that a first, untimed run fills.
+``quick`` (``--quick``, its smoke-test ladder cached) and ``quick-cold`` (``--quick`` on an
+empty teacher cache: its smoke-test ladder, teachers capped at 400 steps, is trained first).
+Each mode runs ``--repeat`` times (default 3) as a fresh process; the median is printed. Cold
+runs get an empty cache directory each ($CLPD_CACHE); warm and quick runs share one cache that
+first, untimed runs fill (the full ladder for warm, the smoke-test one for quick).
 
 The child's stdout and stderr are read as they stream, merged, as a log file would get them
 (a pipe, not a terminal: the phase heartbeats and progress bars a log gets). The output is cut at
@@ -95,9 +96,10 @@ def main() -> None:
         root = Path(tmp)
         shared = root / "cache-warm"
         runs: dict[str, list[DemoRun]] = {}
-        if {"warm", "quick"} & set(args.modes):
-            print("filling the warm cache (untimed)...", flush=True)
-            run_demo(shared, root / "fill", quick=False)
+        for mode in ("warm", "quick"):  # --quick trains its own, smaller ladder
+            if mode in args.modes:
+                print(f"filling the cache for {mode} (untimed)...", flush=True)
+                run_demo(shared, root / f"fill-{mode}", quick=mode == "quick")
         for mode in args.modes:
             for i in range(args.repeat):
                 cold = mode in ("cold", "quick-cold")

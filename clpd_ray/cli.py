@@ -22,9 +22,13 @@ from clpd_ray.errors import ClpdError
 
 __all__ = ["QUICK_OVERRIDES", "main"]
 
-# --quick: a smoke test of the same pipeline: same task and (cached) teacher ladder, a short
-# student budget. User --set overrides come after these, so they win.
+# --quick: a smoke test of the same pipeline: the same task, a short student budget and a
+# smoke-test ladder (built teachers train at most QUICK_TEACHER_STEPS steps, cached apart from the
+# full ladder), so that it is quick on an empty cache too. User --set overrides come after these,
+# so they win.
+QUICK_TEACHER_STEPS = 400
 QUICK_OVERRIDES = [
+    f"teachers.max_train_steps={QUICK_TEACHER_STEPS}",
     "train.total_steps=60",
     "train.checkpoint_every=30",
     "scheduler.probe_every=20",
@@ -37,7 +41,16 @@ def demo_config_path() -> Path:
 
 
 def _load(path: str | Path | None, overrides: list[str], quick: bool) -> Config:
-    return load_config(path, [*QUICK_OVERRIDES, *overrides] if quick else overrides)
+    if not quick:
+        return load_config(path, overrides)
+    config = load_config(path, [*QUICK_OVERRIDES, *overrides])
+    cap = config.teachers.max_train_steps
+    print(
+        f"--quick: a smoke test: {config.train.total_steps} student steps"
+        + (f", built teachers train at most {cap} steps (not the full ladder)" if cap else ""),
+        flush=True,
+    )
+    return config
 
 
 def _default_out(config: Config) -> Path:

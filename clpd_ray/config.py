@@ -221,6 +221,9 @@ class TeachersConfig(_Strict):
     )
     batch_size: int = Field(64, ge=1)
     cache_dir: str | None = None
+    # A cap on the train_steps of built teachers (a smoke-test ladder: `--quick` sets 400); the
+    # capped teachers are cached apart from the full ones. Unset: each teacher's own train_steps.
+    max_train_steps: int | None = Field(None, ge=1)
     top_k: int = Field(16, ge=1)
     resident: Literal["all", "needed"] = "all"
     # Weights of loaded teachers (built ones are float32). "auto": as the checkpoint stores them.

@@ -530,6 +530,12 @@ def test_ablation_end_to_end_resume_and_report(ray_cluster, tmp_path, tiny_confi
         cfg_run = yaml.safe_load((run / "config.yaml").read_text())
         assert cfg_run["seed"] == r["seed"] and cfg_run["scheduler"]["policy"] == r["arm"]
         assert set(r["accuracy_by_difficulty"]) == {"1", "2", "3"}
+    # One target store for every arm and seed (a run served from a store computes nothing and
+    # ends with the same student: test_target_store.py), none of a run's own.
+    assert (out / "targets").is_dir() and not list((out / "runs").glob("*/*/targets"))
+    for r in rows:
+        counts = json.loads((out / r["run_dir"] / "summary.json").read_text())["target_store"]
+        assert sum(c["hits"] + c["misses"] for c in counts.values()) == 6 * 8  # 6 steps x 8 rows
     decisions = _jsonl(out / "runs/clpd/seed-1/decisions.jsonl")
     assert [d["teacher"] for d in decisions] == ["t0", "t1"]
     assert {d["teacher"] for d in _jsonl(out / "runs/standard_kd/seed-1/decisions.jsonl")} == {"t1"}

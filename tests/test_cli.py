@@ -95,26 +95,3 @@ def test_run_with_a_user_policy_from_outside_the_package(
     decisions = [json.loads(x) for x in (out / "decisions.jsonl").read_text().splitlines()]
     assert decisions and all(d["policy"] == "competence" for d in decisions)
     assert all("competence" in d["reason"] for d in decisions)
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_probe_reading_policy_completes_a_run(ray_cluster, tmp_path, tiny_config):
-    """The probe path through Ray (probes in the student's own concurrency group). Every
-    built-in policy is driven through the planner in tests/test_planner.py, without Ray."""
-    from clpd_ray.runtime.run import run_distillation
-
-    policy = "adaptive"
-
-    config = tiny_config(
-        f"scheduler.policy={policy}",
-        "train.total_steps=12",
-        "scheduler.probe_every=4",
-        "train.checkpoint_every=0",
-    )
-    summary = run_distillation(config, tmp_path / policy, progress=False)
-    assert summary["policy"] == policy and summary["steps"] == 12
-    decisions = [
-        json.loads(x) for x in (tmp_path / policy / "decisions.jsonl").read_text().splitlines()
-    ]
-    assert decisions[0]["step"] == 0 and all(d["reason"] for d in decisions)

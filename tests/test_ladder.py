@@ -121,6 +121,21 @@ def test_changing_one_spec_retrains_only_that_teacher(tmp_path, tok, data, monke
     assert first[1].path.is_dir()  # the old version stays cached
 
 
+def test_max_train_steps_caps_built_teachers_in_their_own_cache_entries(tmp_path, tok, data):
+    def cap(steps: int) -> Config:  # what `--quick` sets (teachers.max_train_steps)
+        raw = _config(tmp_path).to_dict()
+        return Config.model_validate(
+            {**raw, "teachers": {**raw["teachers"], "max_train_steps": steps}}
+        )
+
+    full = _ensure(_config(tmp_path), tok, data)
+    smoke = _ensure(cap(3), tok, data)
+    assert [e.accuracy["train_steps"] for e in smoke] == [3, 3]
+    assert all(s.path != f.path and f.path.is_dir() for s, f in zip(smoke, full, strict=True))
+    # A cap above a teacher's own steps changes nothing: the full entries are loaded.
+    assert [e.path for e in _ensure(cap(50), tok, data)] == [e.path for e in full]
+
+
 def test_incomplete_cache_entry_is_retrained(tmp_path, tok, data, monkeypatch):
     first = _ensure(_config(tmp_path), tok, data)
     (first[1].path / "accuracy.json").unlink()

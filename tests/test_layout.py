@@ -45,3 +45,20 @@ def test_the_check_sees_a_ray_import(tmp_path):
 def test_public_api_is_importable_from_the_top_level():
     from clpd_ray import Config, kd_loss, load_config, run_distillation  # noqa: F401
     from clpd_ray.policies import SchedulerPolicy, resolve_policy  # noqa: F401
+
+
+def test_the_scheduler_actor_starts_without_torch():
+    """Its process hosts the policy only: torch (a second of CPU per actor start) stays out."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, clpd_ray.runtime.actors.scheduler\n"
+        "from clpd_ray.runtime.actors.device import set_threads\n"
+        "set_threads(1)\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+        "import os, torch\n"
+        "assert os.environ['OMP_NUM_THREADS'] == '1' and torch.get_num_threads() == 1\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -443,6 +443,8 @@ def test_sequence_kd_runs_between_tokenizer_families(ray_cluster, tiny_config, t
     seq = summary["sequence_kd"]
     assert set(seq) <= {"t0", "t1"} and seq
     assert sum(t["generated"] for t in seq.values()) == 6 * config.train.batch_size
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics and all(m["kd_loss"] == 0.0 and m["ce_loss"] > 0 for m in metrics)
     for t in seq.values():
         assert (
             0 <= t["accepted"] <= t["generated"]

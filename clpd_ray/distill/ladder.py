@@ -50,6 +50,7 @@ from clpd_ray.errors import ConfigError
 __all__ = [
     "LadderEntry",
     "accuracy_table",
+    "capped",
     "ensure_ladder",
     "examples_digest",
     "held_out_loss",
@@ -99,6 +100,13 @@ def _spec_key(spec: TeacherSpec) -> dict:
     unset = {k for k in ("tokenizer", "vocab_size") if getattr(spec, k) is None}
     # ``replicas`` is how many actors serve the teacher, not how it is trained.
     return spec.model_dump(mode="json", exclude={"name", "replicas", *unset})
+
+
+def capped(spec: TeacherSpec, max_train_steps: int | None) -> TeacherSpec:
+    """``spec`` with its ``train_steps`` cut to ``teachers.max_train_steps`` where that is set."""
+    if max_train_steps is None or spec.train_steps <= max_train_steps:
+        return spec
+    return spec.model_copy(update={"train_steps": max_train_steps})
 
 
 def teacher_cache_key(
@@ -461,6 +469,7 @@ def ensure_ladder(
                     )
                 )
             continue
+        spec = capped(spec, config.teachers.max_train_steps)
         own_tok = spec.tokenizer and spec.tokenizer != config.student.tokenizer
         tok = load_tokenizer(spec.tokenizer) if own_tok else tokenizer  # type: ignore[arg-type]
         key = teacher_cache_key(config, spec, (train, held_out, tok))

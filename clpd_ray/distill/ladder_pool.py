@@ -180,8 +180,15 @@ def _stop(pool: ProcessPoolExecutor) -> None:
     for p in procs:
         if p.is_alive():
             p.terminate()
+    # A join can return with the process still alive (seen with a worker still starting up);
+    # what does not end on SIGTERM within the window gets SIGKILL.
+    deadline = time.monotonic() + 10
     for p in procs:
-        p.join(timeout=10)
+        while p.is_alive() and time.monotonic() < deadline:
+            p.join(timeout=0.2)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
 
 
 def train_in_processes(

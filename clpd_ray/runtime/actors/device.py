@@ -8,8 +8,11 @@ CPU machine (``ray.init(num_gpus=3)``) are assigned like real ones but fall back
 from __future__ import annotations
 
 import os
+import sys
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["assigned_gpu_ids", "pick_device", "set_threads"]
 
@@ -29,6 +32,8 @@ def pick_device() -> torch.device:
     ``CLPD_DEVICE`` (e.g. ``cpu``, ``cuda``) overrides the choice, for running the actor classes
     in-process on a GPU (benchmarks/gpu_check.py) or forcing the CPU.
     """
+    import torch
+
     forced = os.environ.get("CLPD_DEVICE")
     if forced:
         return torch.device(forced)
@@ -38,5 +43,11 @@ def pick_device() -> torch.device:
 
 
 def set_threads(n: int | None) -> None:
-    if n:
-        torch.set_num_threads(n)
+    """Torch's intra-op threads: set now where torch is loaded, else through the environment for
+    when it is (the scheduler's process does not load torch unless a user policy does)."""
+    if not n:
+        return
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+    else:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)
