@@ -27,6 +27,10 @@ __all__ = ["QUICK_OVERRIDES", "main"]
 # full ladder), so that it is quick on an empty cache too. User --set overrides come after these,
 # so they win.
 QUICK_TEACHER_STEPS = 400
+QUICK_HELP = (
+    f"a smoke test: a 60-step student budget, built teachers capped at {QUICK_TEACHER_STEPS} "
+    "steps (teachers.max_train_steps; a ladder cached apart from the full one)"
+)
 QUICK_OVERRIDES = [
     f"teachers.max_train_steps={QUICK_TEACHER_STEPS}",
     "train.total_steps=60",
@@ -310,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="run directory to create: a local path (shared by all nodes on a multi-node "
             "cluster) or s3://bucket/prefix (default: runs/<time>-<policy>)",
         )
-        sp.add_argument("--quick", action="store_true", help="shrink budgets to a smoke test")
+        sp.add_argument("--quick", action="store_true", help=QUICK_HELP)
 
     d = command(
         "demo",
@@ -366,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config key, e.g. teachers.cache_dir=/tmp/clpd-cache",
     )
-    lad.add_argument("--quick", action="store_true", help="shrink budgets to a smoke test")
+    lad.add_argument("--quick", action="store_true", help=QUICK_HELP)
     lad.add_argument(
         "--json", action="store_true", help="also print each teacher's accuracies as JSON"
     )
@@ -421,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         help="ablation directory; an existing one is resumed (default: runs/<time>-ablation)",
     )
-    ab.add_argument("--quick", action="store_true", help="shrink budgets to a smoke test")
+    ab.add_argument("--quick", action="store_true", help=QUICK_HELP)
     ab.add_argument("--address", help="Ray address to join; default: start a local one")
     rep = command(
         "report",

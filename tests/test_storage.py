@@ -50,6 +50,24 @@ def test_files_round_trip(where, tmp_path):
         storage.read_bytes(storage.join(where, "missing"))
 
 
+def test_concurrent_writers_of_one_file_each_land_whole(tmp_path):
+    """Two runs of an ablation may write the same target-store part at once (same rows, same
+    bytes): each writes its own temporary file, so no rename finds its file taken by the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    target = str(tmp_path / "store" / "part-x.npz")
+    data = bytes(range(256)) * 512
+
+    def write(_: int) -> None:
+        for _ in range(25):
+            storage.write_bytes(target, data)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(write, range(8)))  # raises what a writer raised
+    assert storage.read_bytes(target) == data
+    assert [p.name for p in (tmp_path / "store").iterdir()] == ["part-x.npz"]  # no temp left
+
+
 def test_locations_are_resolved_or_refused_with_the_fix(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert storage.resolve("runs/a") == str(tmp_path / "runs" / "a")  # absolute on the driver

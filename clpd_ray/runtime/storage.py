@@ -31,6 +31,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -181,10 +182,13 @@ def read_text(location: str) -> str:
 
 
 def write_bytes(location: str, data: bytes) -> None:
-    """Write ``data`` as a whole: readers see the old content or the new, never a part."""
+    """Write ``data`` as a whole: readers see the old content or the new, never a part.
+
+    Concurrent writers of one location (two runs of an ablation writing the same target-store
+    part) each write a temporary file of their own; the last rename wins, whole."""
     if not is_s3(location):
         path = Path(location)
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
