@@ -26,14 +26,16 @@ __all__ = ["QUICK_OVERRIDES", "main"]
 # smoke-test ladder (built teachers train at most QUICK_TEACHER_STEPS steps, cached apart from the
 # full ladder), so that it is quick on an empty cache too. User --set overrides come after these,
 # so they win.
+QUICK_STUDENT_STEPS = 60
 QUICK_TEACHER_STEPS = 400
 QUICK_HELP = (
-    f"a smoke test: a 60-step student budget, built teachers capped at {QUICK_TEACHER_STEPS} "
-    "steps (teachers.max_train_steps; a ladder cached apart from the full one)"
+    f"a smoke test: a {QUICK_STUDENT_STEPS}-step student budget, built teachers capped at "
+    f"{QUICK_TEACHER_STEPS} steps (teachers.max_train_steps; a ladder cached apart from the "
+    "full one)"
 )
 QUICK_OVERRIDES = [
     f"teachers.max_train_steps={QUICK_TEACHER_STEPS}",
-    "train.total_steps=60",
+    f"train.total_steps={QUICK_STUDENT_STEPS}",
     "train.checkpoint_every=30",
     "scheduler.probe_every=20",
     "scheduler.probe_size=8",
