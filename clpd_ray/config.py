@@ -128,9 +128,15 @@ class TeacherSpec(ModelSpec):
         return check_path_name(name, "teacher name")
 
 
+TaskName = Literal["modchain", "addition"]  # data/task.py TASKS
+
+
 class TaskConfig(_Strict):
     """The embedded synthetic reasoning task (used when ``data.path`` is unset)."""
 
+    # modchain: chained arithmetic mod 10 (data/task.py); addition: multi-digit addition with the
+    # carries as CoT (data/addition.py). Difficulty k = CoT steps for both.
+    name: TaskName = "modchain"
     max_difficulty: int = Field(6, ge=1, le=16)
     train_size: int = Field(20000, ge=10)
     eval_size: int = Field(600, ge=10)

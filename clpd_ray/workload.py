@@ -30,7 +30,7 @@ from clpd_ray.data.batching import fit_examples, tokenize_rows
 from clpd_ray.data.example import AnswerExtractor, Example
 from clpd_ray.data.loaders import hold_out, load_examples, train_eval_split
 from clpd_ray.data.prompt_format import PromptFormat
-from clpd_ray.data.task import TooFewProblems, generate_examples, held_out_split
+from clpd_ray.data.task import TooFewProblems, held_out_split, synthetic_task
 from clpd_ray.data.tokenizer import build_char_tokenizer, load_tokenizer
 from clpd_ray.distill.ladder import LadderEntry, ensure_ladder
 from clpd_ray.distill.models import (
@@ -81,10 +81,11 @@ def _embedded(config: Config) -> _Split:
     evaluation and probes, and ``stats["seen_difficulties"]`` (summary.json ``data``) names it.
     """
     t = config.task
-    train = generate_examples(t.train_size, t.max_difficulty, config.seed, "train")
+    task = synthetic_task(t.name)
+    train = task.generate(t.train_size, t.max_difficulty, config.seed, "train")
     try:
         held = held_out_split(
-            train, t.max_difficulty, t.eval_size, max(60, t.eval_size // 2), config.seed
+            train, t.max_difficulty, t.eval_size, max(60, t.eval_size // 2), config.seed, task=task
         )
     except TooFewProblems as err:
         raise ConfigError(

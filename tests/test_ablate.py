@@ -15,6 +15,7 @@ from scipy import stats as sps
 
 from clpd_ray.ablation.arms import (
     DEFAULT_ARMS,
+    describe_seeds,
     parse_arm,
     parse_arms,
     parse_seeds,
@@ -146,7 +147,12 @@ def test_finished_runs_are_read_not_redone_and_invocations_add_up(tmp_path, tiny
     for _ in range(2):
         summary = run_ablation(config, out, arms, [0, 1], log=lines.append)
     assert (
-        lines == ["ablation: 2 arms x 2 seeds = 4 runs; 4 done before, 0 to run -> " + str(out)] * 2
+        lines
+        == [
+            "ablation: 2 arms x 2 seeds (seeds 0-1) = 4 runs; 4 done before, 0 to run -> "
+            + str(out)
+        ]
+        * 2
     )
     rows = _jsonl(out / "results.jsonl")
     assert [(r["arm"], r["seed"], r["accuracy"]) for r in rows] == [
@@ -162,7 +168,9 @@ def test_finished_runs_are_read_not_redone_and_invocations_add_up(tmp_path, tiny
     # the runs execute (cluster.*) is not part of what must match.
     moved = tiny_config("cluster.num_cpus=2")
     summary = run_ablation(moved, out, arms[:1], [0, 1], log=lines.append)
-    assert lines[-1].startswith("ablation: 1 arms x 2 seeds = 2 runs; 2 done before, 0 to run")
+    assert lines[-1].startswith(
+        "ablation: 1 arms x 2 seeds (seeds 0-1) = 2 runs; 2 done before, 0 to run"
+    )
     assert len(_jsonl(out / "results.jsonl")) == 4 and list(summary["arms"]) == [
         "clpd",
         "standard_kd",
@@ -309,6 +317,15 @@ def test_bad_arm_specs_name_the_spec(tiny_config, spec, needle):
 )
 def test_parse_seeds(text, seeds):
     assert parse_seeds(text) == seeds
+
+
+@pytest.mark.parametrize(
+    ("seeds", "text"),
+    [([100], "seed 100"), (list(range(100)), "seeds 0-99"), ([0, 2, 3, 4, 9], "seeds 0,2-4,9")],
+)
+def test_the_plan_line_names_the_seeds(seeds, text):
+    # "--seeds 100" is seeds 0-99, not seed 100: the plan line says which.
+    assert describe_seeds(seeds) == text
 
 
 @pytest.mark.parametrize(
@@ -492,7 +509,7 @@ def test_ablation_end_to_end_resume_and_report(ray_cluster, tmp_path, tiny_confi
     # 1. One seed: two runs at once; n = 1 has no interval and no test, and says so.
     assert main([*argv, "--seeds", "1"]) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
-    assert "2 arms x 1 seeds = 2 runs; 0 done before, 2 to run, 2 at a time" in printed
+    assert "2 arms x 1 seeds (seed 0) = 2 runs; 0 done before, 2 to run, 2 at a time" in printed
     assert "warning" not in printed  # two runs fit the 2-CPU cluster at once
     assert "[2/2]" in printed
     summary = json.loads((out / "summary.json").read_text())
@@ -510,7 +527,7 @@ def test_ablation_end_to_end_resume_and_report(ray_cluster, tmp_path, tiny_confi
     (cut / "stale.txt").write_text("from an interrupted run")
     assert main([*argv, "--seeds", "2"]) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
-    assert "2 arms x 2 seeds = 4 runs; 2 done before, 2 to run" in printed
+    assert "2 arms x 2 seeds (seeds 0-1) = 4 runs; 2 done before, 2 to run" in printed
     assert "[3/4]" in printed and "[4/4]" in printed  # a progress line per finished run
     for rel, mtime in seed0.items():
         assert (out / rel / "summary.json").stat().st_mtime_ns == mtime, rel

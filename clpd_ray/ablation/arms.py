@@ -41,6 +41,7 @@ __all__ = [
     "SFT",
     "SINGLE_PREFIX",
     "Arm",
+    "describe_seeds",
     "parse_arm",
     "parse_arms",
     "parse_seeds",
@@ -247,6 +248,19 @@ def parse_seeds(text: str | int) -> list[int]:
     if twice:
         raise ClpdError(f"--seeds {raw!r} names seeds {twice} more than once; list each once")
     return seeds
+
+
+def describe_seeds(seeds: Sequence[int]) -> str:
+    """``[0, 1, 2, 3, 7]`` -> ``"seeds 0-3,7"``, ``[100]`` -> ``"seed 100"``: the plan line shows
+    which seeds run, so ``--seeds 100`` (seeds 0-99) is not mistaken for seed 100."""
+    runs: list[list[int]] = []
+    for s in seeds:
+        if runs and s == runs[-1][-1] + 1:
+            runs[-1].append(s)
+        else:
+            runs.append([s])
+    text = ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+    return f"seed {text}" if len(seeds) == 1 else f"seeds {text}"
 
 
 def _fixed_teacher(policy: str, kwargs: dict[str, Any], ladder: list[str]) -> str | None:

@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from clpd_ray.ablation.arms import Arm, parse_arm, run_config
+from clpd_ray.ablation.arms import Arm, describe_seeds, parse_arm, run_config
 from clpd_ray.ablation.results import MANIFEST, RESULTS, read_jsonl, read_results
 from clpd_ray.config import Config
 from clpd_ray.data.task import HELD_OUT_SPLIT
@@ -273,7 +273,8 @@ def run_ablation(
     rows, todo = _resume(out, known, plan)
     _write_results(out, rows)
     head = (
-        f"ablation: {len(arms)} arms x {len(seeds)} seeds = {len(plan)} runs; "
+        f"ablation: {len(arms)} arms x {len(seeds)} seeds ({describe_seeds(seeds)}) = "
+        f"{len(plan)} runs; "
         f"{len(plan) - len(todo)} done before"
     )
     finished = {(r["arm"], r["seed"]): r for r in rows}

@@ -12,6 +12,10 @@ model capacity: harder items need more capacity, which gives the teacher ladder 
 The CoT step count k is the CoT-derived difficulty (1..max_difficulty). Generation is
 deterministic by seed.
 
+This is the default embedded task (``task.name: modchain``); :mod:`clpd_ray.data.addition` is
+the second (``task.name: addition``). :func:`synthetic_task` names both, and
+:func:`held_out_split` below draws held-out problems for either.
+
 Held-out problems: separate random streams do not make separate problems. Level k has only
 ``10 * 30**k`` distinct problems (300 at k=1, 9,000 at k=2), so a 20,000-row training set holds
 every k=1 problem and about a third of the k=2 ones. :func:`held_out_split` therefore draws the
@@ -32,11 +36,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from clpd_ray.data.addition import ADDITION
 from clpd_ray.data.example import Example
+from clpd_ray.data.synthetic import SPLIT_STREAMS, SyntheticTask
 
 __all__ = [
     "HELD_OUT_SPLIT",
+    "MODCHAIN",
     "OPERATORS",
+    "TASKS",
     "TASK_ALPHABET",
     "HeldOut",
     "TooFewProblems",
@@ -46,6 +54,7 @@ __all__ = [
     "problem_index",
     "problem_space",
     "solve",
+    "synthetic_task",
 ]
 
 OPERATORS = ("+", "-", "*")
@@ -85,10 +94,9 @@ def generate_examples(
 
     ``split`` selects an independent random stream, so "train" and "eval" never share a stream.
     """
-    if split not in ("train", "eval", "probe"):
+    if split not in SPLIT_STREAMS:
         raise ValueError(f"split must be 'train', 'eval' or 'probe', got {split!r}")
-    stream = {"train": 0, "eval": 1, "probe": 2}[split]
-    rng = np.random.default_rng([seed, stream])
+    rng = np.random.default_rng([seed, SPLIT_STREAMS[split]])
     ks = np.arange(n) % max_difficulty + 1  # balanced difficulties
     rng.shuffle(ks)
     out = []
@@ -107,7 +115,6 @@ def generate_examples(
 # Names how held_out_split draws; teacher caches key on it (their accuracy.json is measured on
 # the evaluation set), so change it whenever the evaluation or probe sets would change.
 HELD_OUT_SPLIT = "disjoint-1"
-_STREAMS = {"train": 0, "eval": 1, "probe": 2}
 _ENUMERATE_UP_TO = 2_000_000  # levels this small are sampled by listing their unseen problems
 _PAIRS = len(OPERATORS) * _MOD  # (op, digit) choices per step
 
@@ -144,9 +151,30 @@ def _from_index(k: int, index: int) -> Example:
     return make_example(start, ops)
 
 
-def _draw_unseen(rng: np.random.Generator, k: int, count: int, taken: set[int]) -> list[int]:
-    """``count`` distinct problem indices of level k not in ``taken`` (which gains them)."""
-    space = problem_space(k)
+MODCHAIN = SyntheticTask(
+    name="modchain",
+    summary="chained arithmetic mod 10, one CoT step per operation: '7+3*2?' -> '7+3=0;0*2=0;#0'",
+    generate=generate_examples,
+    space=problem_space,
+    index=problem_index,
+    from_index=_from_index,
+)
+TASKS = {t.name: t for t in (MODCHAIN, ADDITION)}  # task.name -> the task
+
+
+def synthetic_task(name: str) -> SyntheticTask:
+    """The embedded task called ``name`` (config ``task.name``)."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; the embedded tasks are {sorted(TASKS)}") from None
+
+
+def _draw_unseen(
+    rng: np.random.Generator, space: int, k: int, count: int, taken: set[int]
+) -> list[int]:
+    """``count`` distinct problem indices of level k (``space`` problems) not in ``taken``
+    (which gains them)."""
     if count > space - len(taken):
         raise ValueError(f"level {k} has {space - len(taken)} unseen problems, {count} asked for")
     if space <= _ENUMERATE_UP_TO:
@@ -155,12 +183,26 @@ def _draw_unseen(rng: np.random.Generator, k: int, count: int, taken: set[int]) 
     else:  # a vast level: rejection sampling needs a handful of draws
         chosen = []
         while len(chosen) < count:
-            for i in rng.integers(0, space, size=2 * (count - len(chosen)) + 8).tolist():
+            for i in _indices(rng, space, 2 * (count - len(chosen)) + 8):
                 if i not in taken and len(chosen) < count:
                     taken.add(i)
                     chosen.append(i)
     taken.update(chosen)
     return chosen
+
+
+def _indices(rng: np.random.Generator, space: int, n: int) -> list[int]:
+    """``n`` uniform draws from ``range(space)``, also where ``space`` exceeds int64 (long chains:
+    modchain beyond k = 12, addition beyond k = 9)."""
+    if space < 2**63:
+        return rng.integers(0, space, size=n).tolist()
+    bits = space.bit_length()
+    out: list[int] = []
+    while len(out) < n:  # rejection keeps it uniform; each draw is accepted with p > 1/2
+        i = int.from_bytes(rng.bytes((bits + 7) // 8), "little") & ((1 << bits) - 1)
+        if i < space:
+            out.append(i)
+    return out
 
 
 class TooFewProblems(ValueError):
@@ -189,6 +231,7 @@ def held_out_split(
     probe_size: int,
     seed: int,
     exclude: Collection[str] = (),
+    task: SyntheticTask = MODCHAIN,
 ) -> HeldOut:
     """``eval_size`` evaluation and ``probe_size`` probe problems, none in ``train`` (nor in
     ``exclude``), none twice, and evaluation and probe sets disjoint, deterministic by seed.
@@ -200,10 +243,10 @@ def held_out_split(
     """
     taken: dict[int, set[int]] = {k: set() for k in range(1, max_difficulty + 1)}
     for prompt in [*(e.prompt for e in train), *exclude]:
-        k, index = problem_index(prompt)
+        k, index = task.index(prompt)
         if k in taken:
             taken[k].add(index)
-    unseen = {k: problem_space(k) - len(t) for k, t in taken.items()}
+    unseen = {k: task.space(k) - len(t) for k, t in taken.items()}
     levels = list(taken)
     while levels:  # fewer levels need more rows each: drop levels until every one left can serve
         need = _share(eval_size, len(levels)) + _share(probe_size, len(levels))
@@ -218,11 +261,11 @@ def held_out_split(
         )
     out: dict[str, list[Example]] = {}
     for split, n in (("eval", eval_size), ("probe", probe_size)):
-        rng = np.random.default_rng([seed, _STREAMS[split], 1])  # 1: not generate_examples' stream
+        rng = np.random.default_rng([seed, SPLIT_STREAMS[split], 1])  # 1: not a training stream
         ks = np.asarray(levels)[np.arange(n) % len(levels)]
         rng.shuffle(ks)
         counts = Counter(int(k) for k in ks)
-        drawn = {k: iter(_draw_unseen(rng, k, counts[k], taken[k])) for k in levels}
-        out[split] = [_from_index(int(k), next(drawn[int(k)])) for k in ks]
+        drawn = {k: iter(_draw_unseen(rng, task.space(k), k, counts[k], taken[k])) for k in levels}
+        out[split] = [task.from_index(int(k), next(drawn[int(k)])) for k in ks]
     seen = tuple(k for k in taken if k not in levels)
     return HeldOut(out["eval"], out["probe"], tuple(levels), seen, unseen)

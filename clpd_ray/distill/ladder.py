@@ -102,6 +102,12 @@ def _spec_key(spec: TeacherSpec) -> dict:
     return spec.model_dump(mode="json", exclude={"name", "replicas", *unset})
 
 
+def _task_key(config: Config) -> dict:
+    # The default task's name is left out, so caches built before task.name existed stay valid.
+    unset = {"name"} if config.task.name == "modchain" else set()
+    return config.task.model_dump(mode="json", exclude=unset)
+
+
 def capped(spec: TeacherSpec, max_train_steps: int | None) -> TeacherSpec:
     """``spec`` with its ``train_steps`` cut to ``teachers.max_train_steps`` where that is set."""
     if max_train_steps is None or spec.train_steps <= max_train_steps:
@@ -121,7 +127,7 @@ def teacher_cache_key(
     its settings."""
     payload: dict = {
         "version": LADDER_VERSION,
-        "task": config.task.model_dump(mode="json"),
+        "task": _task_key(config),
         "teacher": _spec_key(spec),
         "batch_size": config.teachers.batch_size,
         "seed": config.seed,
