@@ -407,6 +407,9 @@ def test_learning_curves_floor_and_full_chain_reach_results_report_and_export(
     assert lc["early"]["n"] == [1, 1, 1] and lc["early"]["ci95"] == [None, None, None]
     report = (out / "report.md").read_text()
     assert "## Learning curves" in report and "## Full-chain exact match" in report
+    # Mean curves 0.15, 0.25, 0.45 and 0.3, 0.4, 0.6 reach 0.30 at steps 6 and 2.
+    assert (lc["clpd"]["reach"]["step"], lc["early"]["reach"]["step"]) == (6, 2)
+    assert "| 0.450 | 6 | 2/2 |" in report  # each seed's own curve gets there (steps 4 and 6)
     assert "always answering '0' scores 0.200" in report
     assert (out / "figures" / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
 

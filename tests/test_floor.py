@@ -8,7 +8,14 @@ import itertools
 
 import pytest
 
-from clpd_ray.ablation.stats import curve_auc, floor_of, learning_curves, mean_ci, steps_to
+from clpd_ray.ablation.stats import (
+    REACH,
+    curve_auc,
+    floor_of,
+    learning_curves,
+    mean_ci,
+    steps_to,
+)
 from clpd_ray.data.example import AnswerExtractor, Example
 from clpd_ray.data.task import generate_examples, held_out_split
 from clpd_ray.distill import training
@@ -172,3 +179,8 @@ def test_learning_curves_band_over_seeds():
         assert c["mean"][i] == pytest.approx(mean) and c["ci95"][i] == pytest.approx(ci)
     assert c["auc"]["values"] == pytest.approx([0.2, 0.35, 0.35])
     assert curves["sft"]["ci95"] == [None, None]  # one seed: no band
+    # Mean curve 0.2, 0.4: it reaches 0.30 at step 20; seeds 1 and 2 reach it (0.5, 0.4, 0.3 at
+    # step 20: seed 0's 0.3 counts too), sft (0.0, 0.2) never does.
+    assert REACH == 0.30
+    assert c["reach"] == {"accuracy": 0.30, "step": 20, "seeds": 3}
+    assert curves["sft"]["reach"] == {"accuracy": 0.30, "step": None, "seeds": 0}

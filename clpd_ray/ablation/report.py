@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 
 from clpd_ray.ablation.arms import single_arm_map
 from clpd_ray.ablation.results import MANIFEST, read_jsonl, read_results
-from clpd_ray.ablation.stats import WILCOXON_MIN_N, summarise
+from clpd_ray.ablation.stats import REACH, WILCOXON_MIN_N, summarise
 from clpd_ray.errors import ClpdError
 from clpd_ray.runtime.rundir import write_json_atomic
 
@@ -341,15 +341,18 @@ def _curves_md(curves: Mapping[str, Any], figures: Mapping[str, str]) -> list[st
         "## Learning curves",
         "",
         "Held-out accuracy every `train.eval_every` steps and at the end. AUC: mean accuracy "
-        "over the steps evaluated (trapezoid rule), per seed, then mean and 95% t-interval.",
+        "over the steps evaluated (trapezoid rule), per seed, then mean and 95% t-interval. "
+        f"Reaches {REACH:.2f}: the first evaluated step where the mean curve is at or above "
+        f"{REACH:.2f} ('-': never), and how many seeds' own curves get there.",
         "",
-        "| arm | n | AUC | 95% CI (t) | final mean |",
-        "|---|---:|---:|---|---:|",
+        f"| arm | n | AUC | 95% CI (t) | final mean | reaches {REACH:.2f} at | seeds reaching |",
+        "|---|---:|---:|---|---:|---:|---:|",
     ]
     for arm, c in curves.items():
-        auc = c["auc"]
+        auc, reach = c["auc"], c["reach"]
         lines.append(
-            f"| {arm} | {auc['n']} | {auc['mean']:.3f} | {_ci(auc['ci95'])} | {c['mean'][-1]:.3f} |"
+            f"| {arm} | {auc['n']} | {auc['mean']:.3f} | {_ci(auc['ci95'])} | "
+            f"{c['mean'][-1]:.3f} | {_fmt(reach['step'], 'd')} | {reach['seeds']}/{auc['n']} |"
         )
     return [*lines, "", f"![learning curves]({figures['learning_curves']})", ""]
 

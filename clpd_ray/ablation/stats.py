@@ -35,6 +35,7 @@ from clpd_ray.errors import ClpdError
 
 __all__ = [
     "CONFIDENCE",
+    "REACH",
     "TOL",
     "WILCOXON_MIN_N",
     "Comparison",
@@ -54,6 +55,7 @@ __all__ = [
 # n = 5, 0.031 at n = 6. Below 6 the test cannot reach 0.05 whatever the data, so it is not run.
 WILCOXON_MIN_N = 6
 CONFIDENCE = 0.95  # of every interval in summary.json (its key is ci95)
+REACH = 0.30  # the accuracy whose first step the learning-curve table reports (issue 13)
 TOL = 1e-9  # paired differences whose spread is below TOL x max(1, |mean|) count as all equal
 
 
@@ -214,7 +216,9 @@ def learning_curves(
     rows: Sequence[Mapping[str, Any]], arms: Sequence[str]
 ) -> dict[str, dict[str, Any]]:
     """Per arm with curves: ``steps``, and at each step ``mean``, ``ci95`` and ``n`` over the
-    seeds evaluated there; ``auc`` (:func:`curve_auc` per seed: mean, ci95, n, values)."""
+    seeds evaluated there; ``auc`` (:func:`curve_auc` per seed: mean, ci95, n, values); ``reach``:
+    the first step the mean curve reaches :data:`REACH` (None: never) and how many seeds' own
+    curves reach it."""
     out: dict[str, dict[str, Any]] = {}
     for arm in arms:
         curves = {int(r["seed"]): r["curve"] for r in rows if r["arm"] == arm and r.get("curve")}
@@ -229,9 +233,10 @@ def learning_curves(
         seeds = sorted(curves)
         aucs = [float(curve_auc(curves[s]) or 0.0) for s in seeds]
         auc_mean, auc_ci = mean_ci(aucs)
+        means = [float(m) for m, _ in stats]
         out[arm] = {
             "steps": steps,
-            "mean": [m for m, _ in stats],
+            "mean": means,
             "ci95": [c for _, c in stats],
             "n": [len(at[s]) for s in steps],
             "auc": {
@@ -240,6 +245,11 @@ def learning_curves(
                 "n": len(aucs),
                 "seeds": seeds,
                 "values": aucs,
+            },
+            "reach": {
+                "accuracy": REACH,
+                "step": steps_to(list(zip(steps, means, strict=True)), REACH),
+                "seeds": sum(steps_to(curves[s], REACH) is not None for s in seeds),
             },
         }
     return out
