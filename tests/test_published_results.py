@@ -22,6 +22,9 @@ PUBLISHED = {"fkl": 40, "jsd": 30, "fkl-long-last-stage": 10, "fkl-clpd-10-seeds
 # The redo's tuning exports (issue 13): 2 tuning seeds per arm; only their per-arm table is
 # quoted in docs/results.md (which learning rate each arm gets).
 TUNING = {"tuning-1500": 56}
+# The redo's evaluation exports (issue 13): 7 arms x 10 evaluation seeds, with learning curves,
+# the floor and full-chain match; every table of their reports is quoted in docs/results.md.
+EVALUATION = {"eval-1500": 70}
 OUTPUTS = ("summary.json", "report.md", "figures")  # what `clpd report` writes
 
 
@@ -36,7 +39,7 @@ def _tables(report: str, sections: tuple[str, ...]) -> list[str]:
     return rows
 
 
-@pytest.mark.parametrize("loss", [*PUBLISHED, *TUNING])
+@pytest.mark.parametrize("loss", [*PUBLISHED, *TUNING, *EVALUATION])
 def test_clpd_report_rebuilds_the_published_numbers(tmp_path, loss, capsys):
     src = DOCS / "results" / loss
     copy = tmp_path / loss
@@ -48,15 +51,22 @@ def test_clpd_report_rebuilds_the_published_numbers(tmp_path, loss, capsys):
     assert main(["report", str(copy)]) == 0, capsys.readouterr().err
     rebuilt = json.loads((copy / "summary.json").read_text())
     assert rebuilt == json.loads((src / "summary.json").read_text())
-    tuning = loss in TUNING
-    assert rebuilt["runs"] == (TUNING if tuning else PUBLISHED)[loss]
-    assert all(a["n"] >= (2 if tuning else 5) for a in rebuilt["arms"].values())
+    tuning, evaluation = loss in TUNING, loss in EVALUATION
+    assert rebuilt["runs"] == {**PUBLISHED, **TUNING, **EVALUATION}[loss]
+    assert all(
+        a["n"] >= (2 if tuning else 10 if evaluation else 5) for a in rebuilt["arms"].values()
+    )
 
     report = (copy / "report.md").read_text()
     committed = (src / "report.md").read_text()
     drop_date = lambda text: [ln for ln in text.splitlines() if not ln.startswith("Generated ")]  # noqa: E731
     assert drop_date(report) == drop_date(committed)
-    redrawn = ("accuracy.png", "accuracy_by_difficulty.png")  # no arm is named clpd in tuning
+    redrawn: tuple[str, ...] = (
+        "accuracy.png",
+        "accuracy_by_difficulty.png",
+    )  # no clpd arm in tuning
+    if evaluation:
+        redrawn += ("learning_curves.png",)
     for name in redrawn if tuning else (*redrawn, "schedule_clpd.png"):
         assert (copy / "figures" / name).read_bytes()[:4] == b"\x89PNG"
 
@@ -68,7 +78,30 @@ def test_clpd_report_rebuilds_the_published_numbers(tmp_path, loss, capsys):
             "Paired comparisons",
             "Stronger teacher, worse student?",
         )
+    if evaluation:
+        sections += ("Full-chain exact match", "Learning curves")
     rows = _tables(report, sections)
     assert len(rows) > (1 if tuning else 2) * len(rebuilt["arms"])
     missing = [r for r in rows if r not in results_md]
     assert not missing, f"docs/results.md lacks these rows of the {loss} report: {missing}"
+
+
+# The primary endpoint's comparator per budget, chosen on the tuning draw before evaluation.
+PRIMARY = {1500: ("eval-1500", "sft")}
+
+
+def test_the_primary_endpoint_table_is_what_the_script_prints(capsys):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "primary_endpoint.py"
+    spec = importlib.util.spec_from_file_location("primary_endpoint", path)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = [f"--budget={b}={DOCS / 'results' / d}:{arm}" for b, (d, arm) in PRIMARY.items()]
+    assert script.main(argv) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+    assert len(rows) == 1 + len(PRIMARY)  # the header and one row per budget
+    results_md = (DOCS / "results.md").read_text()
+    missing = [r for r in rows if r not in results_md]
+    assert not missing, f"docs/results.md lacks these primary-endpoint rows: {missing}"
