@@ -19,9 +19,9 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 # Each published ablation, with the runs it must hold: 6 arms (+2 single-teacher arms for fkl) x 5
 # seeds, and the follow-up (clpd with a long last stage and with equal stages, 10 seeds each).
 PUBLISHED = {"fkl": 40, "jsd": 30, "fkl-long-last-stage": 10, "fkl-clpd-10-seeds": 10}
-# The redo's tuning exports (issue 13): 2 tuning seeds per arm; only their per-arm table is
-# quoted in docs/results.md (which learning rate each arm gets).
-TUNING = {"tuning-1500": 56}
+# The redo's tuning-draw exports (issue 13): 2 tuning seeds per arm; only their per-arm table is
+# quoted in docs/results.md (the learning rate each arm gets; the boundary-grid oracle).
+TUNING = {"tuning-1500": 56, "oracle-1500": 20}
 # The redo's evaluation exports (issue 13): 7 arms x 10 evaluation seeds, with learning curves,
 # the floor and full-chain match; every table of their reports is quoted in docs/results.md.
 EVALUATION = {"eval-1500": 70}
