@@ -18,10 +18,8 @@ deterministic by seed, with one stream per split.
 
 from __future__ import annotations
 
-import numpy as np
-
 from clpd_ray.data.example import Example
-from clpd_ray.data.synthetic import SPLIT_STREAMS, SyntheticTask
+from clpd_ray.data.synthetic import SyntheticTask, balanced_levels, split_rng
 
 __all__ = ["ADDITION", "add_columns", "generate_examples", "make_example", "problem_index"]
 
@@ -49,11 +47,8 @@ def generate_examples(
     n: int, max_difficulty: int, seed: int, split: str = "train"
 ) -> list[Example]:
     """``n`` examples with difficulty balanced over 1..max_difficulty, deterministic by seed."""
-    if split not in SPLIT_STREAMS:
-        raise ValueError(f"split must be 'train', 'eval' or 'probe', got {split!r}")
-    rng = np.random.default_rng([seed, SPLIT_STREAMS[split], _STREAM_TAG])
-    ks = np.arange(n) % max_difficulty + 1
-    rng.shuffle(ks)
+    rng = split_rng(seed, split, _STREAM_TAG)
+    ks = balanced_levels(rng, n, range(1, max_difficulty + 1))
     out = []
     for k in ks:
         digits = "".join(str(d) for d in rng.integers(0, 10, size=2 * int(k)))
@@ -82,8 +77,6 @@ def _from_index(k: int, index: int) -> Example:
 
 ADDITION = SyntheticTask(
     name="addition",
-    summary="multi-digit addition, one CoT step per column: '357+468?' -> "
-    "'7+8+0=15;5+6+1=12;3+4+1=8;#825'",
     generate=generate_examples,
     space=problem_space,
     index=problem_index,

@@ -11,14 +11,30 @@ built models' vocabulary and the answer extractor are the same for all of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from clpd_ray.data.example import Example
 
-__all__ = ["SPLIT_STREAMS", "SyntheticTask"]
+__all__ = ["SPLIT_STREAMS", "SyntheticTask", "balanced_levels", "split_rng"]
 
 SPLIT_STREAMS = {"train": 0, "eval": 1, "probe": 2}  # independent random streams per split
+
+
+def split_rng(seed: int, split: str, *tag: int) -> np.random.Generator:
+    """The random stream of ``split`` at ``seed``; ``tag`` keeps other draws' streams apart."""
+    if split not in SPLIT_STREAMS:
+        raise ValueError(f"split must be 'train', 'eval' or 'probe', got {split!r}")
+    return np.random.default_rng([seed, SPLIT_STREAMS[split], *tag])
+
+
+def balanced_levels(rng: np.random.Generator, n: int, levels: Sequence[int]) -> np.ndarray:
+    """``n`` difficulties spread evenly over ``levels`` (counts differ by at most one), shuffled."""
+    ks = np.asarray(levels)[np.arange(n) % len(levels)]
+    rng.shuffle(ks)
+    return ks
 
 
 @dataclass(frozen=True)
@@ -26,7 +42,6 @@ class SyntheticTask:
     """One embedded task: how to draw its examples and how to enumerate its problems."""
 
     name: str  # task.name in the config
-    summary: str  # one line for help and errors, with a prompt and its target
     generate: Callable[[int, int, int, str], list[Example]]  # (n, max_difficulty, seed, split)
     space: Callable[[int], int]  # distinct problems of difficulty k
     index: Callable[[str], tuple[int, int]]  # prompt -> (k, index); ValueError if not a prompt

@@ -38,7 +38,7 @@ import numpy as np
 
 from clpd_ray.data.addition import ADDITION
 from clpd_ray.data.example import Example
-from clpd_ray.data.synthetic import SPLIT_STREAMS, SyntheticTask
+from clpd_ray.data.synthetic import SyntheticTask, balanced_levels, split_rng
 
 __all__ = [
     "HELD_OUT_SPLIT",
@@ -94,11 +94,8 @@ def generate_examples(
 
     ``split`` selects an independent random stream, so "train" and "eval" never share a stream.
     """
-    if split not in SPLIT_STREAMS:
-        raise ValueError(f"split must be 'train', 'eval' or 'probe', got {split!r}")
-    rng = np.random.default_rng([seed, SPLIT_STREAMS[split]])
-    ks = np.arange(n) % max_difficulty + 1  # balanced difficulties
-    rng.shuffle(ks)
+    rng = split_rng(seed, split)
+    ks = balanced_levels(rng, n, range(1, max_difficulty + 1))
     out = []
     for k in ks:
         start = int(rng.integers(0, _MOD))
@@ -153,7 +150,6 @@ def _from_index(k: int, index: int) -> Example:
 
 MODCHAIN = SyntheticTask(
     name="modchain",
-    summary="chained arithmetic mod 10, one CoT step per operation: '7+3*2?' -> '7+3=0;0*2=0;#0'",
     generate=generate_examples,
     space=problem_space,
     index=problem_index,
@@ -261,9 +257,8 @@ def held_out_split(
         )
     out: dict[str, list[Example]] = {}
     for split, n in (("eval", eval_size), ("probe", probe_size)):
-        rng = np.random.default_rng([seed, SPLIT_STREAMS[split], 1])  # 1: not a training stream
-        ks = np.asarray(levels)[np.arange(n) % len(levels)]
-        rng.shuffle(ks)
+        rng = split_rng(seed, split, 1)  # 1: not a training stream
+        ks = balanced_levels(rng, n, levels)
         counts = Counter(int(k) for k in ks)
         drawn = {k: iter(_draw_unseen(rng, task.space(k), k, counts[k], taken[k])) for k in levels}
         out[split] = [task.from_index(int(k), next(drawn[int(k)])) for k in ks]

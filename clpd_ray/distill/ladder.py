@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from clpd_ray.config import Config, TeacherSpec, check_path_name, default_cache_dir
+from clpd_ray.config import Config, TaskConfig, TeacherSpec, check_path_name, default_cache_dir
 from clpd_ray.data.batching import Encoded, encode_examples, pad_id, pad_rows, tokenize_rows
 from clpd_ray.data.example import AnswerExtractor, Example
 from clpd_ray.data.prompt_format import PromptFormat
@@ -104,7 +104,7 @@ def _spec_key(spec: TeacherSpec) -> dict:
 
 def _task_key(config: Config) -> dict:
     # The default task's name is left out, so caches built before task.name existed stay valid.
-    unset = {"name"} if config.task.name == "modchain" else set()
+    unset = {"name"} if config.task.name == TaskConfig.model_fields["name"].default else set()
     return config.task.model_dump(mode="json", exclude=unset)
 
 
