@@ -16,10 +16,10 @@ Prints a markdown table (docs/results.md quotes it; tests/test_published_results
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
+from clpd_ray.ablation.results import RESULTS, read_results
 from clpd_ray.ablation.stats import holm, mean_ci, paired_compare
 
 ALPHA = 0.05
@@ -29,8 +29,7 @@ HEADER = (
 )
 
 
-def _by_seed(export: Path, arm: str) -> dict[int, float]:
-    rows = [json.loads(x) for x in (export / "results.jsonl").read_text().splitlines() if x]
+def _by_seed(rows: list[dict[str, Any]], export: Path, arm: str) -> dict[int, float]:
     out = {int(r["seed"]): float(r["accuracy"]) for r in rows if r["arm"] == arm}
     if not out:
         raise SystemExit(f"{export}/results.jsonl has no runs of arm {arm!r}")
@@ -45,7 +44,8 @@ def primary_table(budgets: list[tuple[int, Path, str]]) -> str:
     """The markdown table for (budget, export directory, comparator arm) triples."""
     rows: list[dict[str, Any]] = []
     for budget, export, comparator in budgets:
-        clpd, other = _by_seed(export, "clpd"), _by_seed(export, comparator)
+        results = read_results(export)
+        clpd, other = _by_seed(results, export, "clpd"), _by_seed(results, export, comparator)
         c = paired_compare("clpd", comparator, clpd, other)
         diffs = [clpd[s] - other[s] for s in c.seeds]
         rows.append({"budget": budget, "b": comparator, "c": c, "ci": mean_ci(diffs)[1]})
@@ -86,9 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=_budget, action="append", required=True)
     args = parser.parse_args(argv)
-    present = [b for b in args.budget if (b[1] / "results.jsonl").is_file()]
-    for steps, export, _ in args.budget:
-        if (steps, export, _) not in present:
+    present = []
+    for steps, export, comparator in args.budget:
+        if (export / RESULTS).is_file():
+            present.append((steps, export, comparator))
+        else:
             print(f"(budget {steps:,}: {export} has no results yet; left out of the Holm family)")
     if not present:
         return 1
