@@ -58,6 +58,36 @@ def test_strict_load_names_missing_unexpected_and_misshaped_keys(tiny_config):
         load_state_strict(model, {**state, missing: torch.zeros(3)}, what="checkpoint x")
 
 
+_UNPICKLE = """
+import sys
+from ray import cloudpickle
+cls = cloudpickle.loads(sys.stdin.buffer.read())
+heavy = sorted(m for m in ("torch", "transformers") if m in sys.modules)
+print(cls.__name__, heavy)
+"""
+
+
+def test_the_scheduler_actor_starts_without_importing_a_model_stack():
+    """Ray ships the wrapped actor class by value: unpickling it (what the scheduler's process
+    does before ``__init__``) must not drag in torch or transformers through the launcher."""
+    import subprocess
+    import sys
+
+    from ray import cloudpickle
+
+    from clpd_ray.runtime.actors.init_errors import reporting_init_errors
+
+    wrapped = reporting_init_errors(SchedulerService, "scheduler-x", "policy clpd")
+    out = subprocess.run(
+        [sys.executable, "-c", _UNPICKLE],
+        input=cloudpickle.dumps(wrapped),
+        capture_output=True,
+        check=True,
+        timeout=120,
+    )
+    assert out.stdout.decode().split() == ["SchedulerService", "[]"], out.stderr.decode()[-2000:]
+
+
 # --------------------------------------------------------------------- on Ray
 
 

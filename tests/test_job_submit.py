@@ -51,15 +51,26 @@ def _config(tiny_config, tmp_path: Path, *overrides: str) -> Path:
 
 
 def _submit(head: RayHead, config: Path, out: Path) -> str:
-    return _client(head).submit_job(
-        # `clpd run` in the job: RAY_ADDRESS (set by Ray for the entrypoint) is the cluster.
-        entrypoint=f"python -m clpd_ray.cli run {config} --out {out}",
-        runtime_env={
-            "working_dir": str(ROOT),
-            "excludes": EXCLUDES,
-            "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": STOP_WAIT_S, "PYTHONUNBUFFERED": "1"},
-        },
-    )
+    # The job server answers before the head's dashboard agent has registered with it; until
+    # then a submission fails with "No available agent to submit job, please try again later"
+    # (seen on a loaded machine): try again, as the message says, for up to a minute.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return _client(head).submit_job(
+                # `clpd run` in the job: RAY_ADDRESS (set by Ray for the entrypoint) is the
+                # cluster.
+                entrypoint=f"python -m clpd_ray.cli run {config} --out {out}",
+                runtime_env={
+                    "working_dir": str(ROOT),
+                    "excludes": EXCLUDES,
+                    "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": STOP_WAIT_S, "PYTHONUNBUFFERED": "1"},
+                },
+            )
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def _wait(head: RayHead, job: str, timeout: float, until=None) -> str:

@@ -49,6 +49,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from clpd_ray.config import Config
 from clpd_ray.errors import ActorInitError, ClpdError, ClusterError
+from clpd_ray.runtime.actors.init_errors import reporting_init_errors
 from clpd_ray.runtime.actors.scheduler import SchedulerService
 from clpd_ray.runtime.actors.student import StudentTrainer
 from clpd_ray.runtime.actors.teacher import TeacherService
@@ -196,7 +197,7 @@ class Launcher:
         n = len(self.names)
         student_bundle = self.placement.student_bundle
         student_name = self.actor_name("student")
-        student_cls = _reporting_init_errors(StudentTrainer, student_name, self.tokenizer_dir)
+        student_cls = reporting_init_errors(StudentTrainer, student_name, self.tokenizer_dir)
         student: Any = (
             # Probes run on their own thread, on a snapshot of the weights the student holds.
             ray.remote(concurrency_groups={"probe": 1})(student_cls)  # type: ignore[call-overload]
@@ -211,7 +212,7 @@ class Launcher:
             .remote(c, self.tokenizer_dir, run_id=self.run_id)
         )
         scheduler_name = self.actor_name("scheduler")
-        scheduler_cls = _reporting_init_errors(
+        scheduler_cls = reporting_init_errors(
             SchedulerService, scheduler_name, f"policy {c.scheduler.policy}"
         )
         scheduler: Any = (
@@ -264,7 +265,7 @@ class Launcher:
 
     def _start_replica(self, i: int, replica: int) -> Any:
         name = self.teacher_name(i, replica)
-        cls = _reporting_init_errors(TeacherService, name, f"model {self.teacher_dirs[i]}")
+        cls = reporting_init_errors(TeacherService, name, f"model {self.teacher_dirs[i]}")
         bundle = self.placement.teacher_bundle(i, replica)
         return (
             ray.remote(cls)
@@ -436,34 +437,6 @@ def _where(actor: Any) -> dict[str, Any]:
         "device": str(getattr(actor, "device", "cpu")),
         "gpu_ids": tuple(str(g) for g in ray.get_gpu_ids()),
     }
-
-
-def _reporting_init_errors(cls: type, name: str, source: str) -> type:
-    """``cls`` whose ``__init__`` failures become :class:`ActorInitError` naming the actor and
-    what it was loading, so the driver reports them (exit 2) instead of an opaque actor death.
-
-    Ray does not restart an actor whose ``__init__`` raised; the failure reaches the driver as an
-    ``ActorDiedError`` whose text ends with this error (``executor.unwrap`` re-raises it).
-    """
-
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        try:
-            cls.__init__(self, *args, **kwargs)  # type: ignore[misc]
-        except ClpdError as err:
-            raise ActorInitError(f"{name} ({source}) failed to start: {err}") from None
-        except Exception as err:
-            raise ActorInitError(
-                f"{name} ({source}) failed to start: {type(err).__name__}: {_first_line(err)} "
-                f"(pid {os.getpid()}); check that the input loads on that node (a path every "
-                "node can read, a hub id or an s3:// URI) and fits its memory"
-            ) from None
-
-    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": __name__})
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else "(no message)"
 
 
 def _init_error(name: str, err: ray.exceptions.ActorDiedError) -> ClpdError:
