@@ -65,6 +65,10 @@ TINY_LADDER = [
     {"name": "t1", "n_layer": 1, "n_embd": 24, "n_head": 2, "train_steps": 10},
     {"name": "t2", "n_layer": 2, "n_embd": 32, "n_head": 2, "train_steps": 10},
 ]
+# tiny_config(**TWO_RUNGS): a 2-rung ladder, for Ray tests that need a ladder but not 3 stages
+# (each rung is an actor process whose start-up, importing the model stack, is most of what a
+# tiny run costs).
+TWO_RUNGS = {"teachers": {"ladder": TINY_LADDER[:2]}, "curriculum": {"num_stages": 2}}
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TWO_RUNGS
 
 from clpd_ray.cli import main
 
@@ -77,7 +78,9 @@ def test_run_with_a_user_policy_from_outside_the_package(
     ray_cluster, tmp_path, tiny_config, monkeypatch, capsys
 ):
     monkeypatch.syspath_prepend(str(EXAMPLES))
-    cfg = _write(tmp_path, tiny_config("train.total_steps=12", "train.checkpoint_every=0"))
+    cfg = _write(
+        tmp_path, tiny_config("train.total_steps=12", "train.checkpoint_every=0", **TWO_RUNGS)
+    )
     out = tmp_path / "run"
     rc = main(
         [
@@ -91,7 +94,7 @@ def test_run_with_a_user_policy_from_outside_the_package(
     )
     assert rc == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
-    assert "student" in printed and "t2" in printed  # the accuracy table
+    assert "student" in printed and "t1" in printed  # the accuracy table
     decisions = [json.loads(x) for x in (out / "decisions.jsonl").read_text().splitlines()]
     assert decisions and all(d["policy"] == "competence" for d in decisions)
     assert all("competence" in d["reason"] for d in decisions)

@@ -28,10 +28,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import TWO_RUNGS
 
 REPO = Path(__file__).resolve().parents[1]
-# 40 steps, a checkpoint every 10; the adaptive policy's decisions depend on probe results, so
-# an exact replay needs the probes restored too.
+# 40 steps, a checkpoint every 10, two rungs (tiny_config(*FAULT_RUN, **TWO_RUNGS)); the
+# adaptive policy's decisions depend on probe results, so an exact replay needs the probes
+# restored too.
 FAULT_RUN = (
     "train.total_steps=40",
     "train.checkpoint_every=10",
@@ -232,7 +234,7 @@ def test_killed_teachers_student_and_scheduler_give_the_uninterrupted_result(
     from clpd_ray.runtime.actors.launcher import NAMESPACE
     from clpd_ray.runtime.run import run_distillation
 
-    config = tiny_config(*FAULT_RUN)
+    config = tiny_config(*FAULT_RUN, **TWO_RUNGS)
     reference = uninterrupted(config)
     out = tmp_path / "run"
     # step -> what to kill; each fires once (replayed steps call on_step again).
@@ -313,7 +315,7 @@ def test_sigkilled_driver_resumes_from_s3_to_the_uninterrupted_result(
     the documented layout is there, and nothing is written to the driver's working directory."""
     from clpd_ray.runtime import storage
 
-    config = tiny_config(*FAULT_RUN)
+    config = tiny_config(*FAULT_RUN, **TWO_RUNGS)
     reference = uninterrupted(config)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(config.to_dict()))
@@ -385,7 +387,6 @@ def test_sigkilled_driver_resumes_from_s3_to_the_uninterrupted_result(
     assert {n.split("/")[1] for n in files if n.startswith("models/")} == {
         "t0",
         "t1",
-        "t2",
         "tokenizer",
     }
     ckpts = sorted({n.split("/")[1] for n in files if n.startswith("checkpoints/")})

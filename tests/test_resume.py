@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from checkpoint_files import controller_state, rehash, write_checkpoint
+from conftest import TWO_RUNGS
 
 from clpd_ray.cli import main
 from clpd_ray.errors import ModelLoadError, RunDirError
@@ -629,7 +630,7 @@ def test_a_resume_past_a_damaged_checkpoint_ends_with_the_uninterrupted_student(
 
     from clpd_ray.runtime.run import resume_distillation
 
-    config = tiny_config(*FAULT_RUN)
+    config = tiny_config(*FAULT_RUN, **TWO_RUNGS)
     reference = uninterrupted(config)
     assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == [
         "step-0000020",

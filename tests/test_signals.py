@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TWO_RUNGS
 from test_faults import _clean_env, _jsonl, _kill_session, _student
 
 from clpd_ray.runtime import cleanup
@@ -326,7 +327,7 @@ def test_sigterm_to_the_whole_process_group_stops_at_a_step_and_leaves_no_ray_pr
     boundary with a checkpoint and then ends them itself; the resume gives the uninterrupted
     run's student, decisions and metrics. (A SIGTERM to the driver alone takes the same path
     in the driver: ``ray job stop`` in test_job_submit.py; SIGINT's handling is the fast tests'.)"""
-    config = tiny_config(*SIGNAL_RUN)
+    config = tiny_config(*SIGNAL_RUN, **TWO_RUNGS)
     reference = uninterrupted(config)
     cfg, out = tmp_path / "cfg.yaml", tmp_path / "run"
     cfg.write_text(yaml.safe_dump(config.to_dict()))
