@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 from conftest import TWO_RUNGS
-from test_faults import _clean_env, _jsonl, _kill_session, _student
+from test_faults import FAULT_RUN, _clean_env, _jsonl, _kill_session, _student
 
 from clpd_ray.runtime import cleanup
 from clpd_ray.runtime.stopping import (
@@ -31,13 +31,9 @@ from clpd_ray.runtime.stopping import (
 )
 
 CLI = [sys.executable, "-m", "clpd_ray.cli", "run"]
-# 120 steps, a checkpoint every 40: the signal (once step 50 is logged) lands between two.
-SIGNAL_RUN = (
-    "train.total_steps=120",
-    "train.checkpoint_every=40",
-    "scheduler.policy=adaptive",
-    "scheduler.probe_every=10",
-)
+# The fault tests' run (40 steps, a checkpoint every 10; its uninterrupted run is shared): the
+# signal, once step 15 is logged, lands between two checkpoints or at one.
+SIGNAL_RUN = FAULT_RUN
 
 
 # ---------------------------------------------------------------------------- fast pieces
@@ -333,7 +329,7 @@ def test_sigterm_to_the_whole_process_group_stops_at_a_step_and_leaves_no_ray_pr
     cfg.write_text(yaml.safe_dump(config.to_dict()))
     proc = _start([str(cfg), "--out", str(out)], tmp_path)  # its own process group
     try:
-        _wait_logged(proc, out, 50)
+        _wait_logged(proc, out, 15)
         ray_procs = _ray_processes(proc)
         session = _session_dir(ray_procs)
         ray_procs.update({p: "in the session" for p in cleanup.session_processes(session)})
@@ -353,7 +349,7 @@ def test_sigterm_to_the_whole_process_group_stops_at_a_step_and_leaves_no_ray_pr
         f"{[ray_procs[p] for p in left]}"
     )
     step = _assert_clean_stop(proc.returncode, err, signal.SIGTERM, out)
-    assert 50 <= step < 120
+    assert 15 <= step < 40
 
     _resume_to_the_same_student(out, tmp_path, step, reference)
     assert _jsonl(out / "decisions.jsonl") == _jsonl(reference / "decisions.jsonl")
