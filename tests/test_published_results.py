@@ -24,7 +24,7 @@ PUBLISHED = {"fkl": 40, "jsd": 30, "fkl-long-last-stage": 10, "fkl-clpd-10-seeds
 TUNING = {"tuning-1500": 56, "tuning-4500": 56, "oracle-1500": 32}
 # The redo's evaluation exports (issue 13): 7 arms x 10 evaluation seeds, with learning curves,
 # the floor and full-chain match; every table of their reports is quoted in docs/results.md.
-EVALUATION = {"eval-1500": 70}
+EVALUATION = {"eval-1500": 70, "eval-4500": 70}
 OUTPUTS = ("summary.json", "report.md", "figures")  # what `clpd report` writes
 
 
@@ -87,7 +87,7 @@ def test_clpd_report_rebuilds_the_published_numbers(tmp_path, loss, capsys):
 
 
 # The primary endpoint's comparator per budget, chosen on the tuning draw before evaluation.
-PRIMARY = {1500: ("eval-1500", "sft")}
+PRIMARY = {1500: ("eval-1500", "sft"), 4500: ("eval-4500", "sft")}
 
 
 def test_the_primary_endpoint_table_is_what_the_script_prints(capsys):
