@@ -21,7 +21,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 PUBLISHED = {"fkl": 40, "jsd": 30, "fkl-long-last-stage": 10, "fkl-clpd-10-seeds": 10}
 # The redo's tuning-draw exports (issue 13): 2 tuning seeds per arm; only their per-arm table is
 # quoted in docs/results.md (the learning rate each arm gets; the boundary-grid oracle).
-TUNING = {"tuning-1500": 56, "tuning-4500": 56, "oracle-1500": 32, "oracle-4500": 20}
+TUNING = {"tuning-1500": 56, "tuning-4500": 56, "oracle-1500": 32, "oracle-4500": 32}
 # The redo's evaluation exports (issue 13): 7 arms x 10 evaluation seeds, with learning curves,
 # the floor and full-chain match; every table of their reports is quoted in docs/results.md.
 EVALUATION = {"eval-1500": 70, "eval-4500": 70}
