@@ -122,7 +122,9 @@ def test_stats_are_summed_over_replicas():
 
 def _ladder(replicas: list[int]) -> list[dict]:
     """The first len(replicas) rungs of the tiny ladder, with these replica counts."""
-    return [{**t, "replicas": r} for t, r in zip(TINY_LADDER, replicas, strict=False)]
+    return [
+        {**t, "replicas": r} for t, r in zip(TINY_LADDER[: len(replicas)], replicas, strict=True)
+    ]
 
 
 def test_replicas_default_to_one_and_must_be_positive(tiny_config):

@@ -31,9 +31,6 @@ from clpd_ray.runtime.stopping import (
 )
 
 CLI = [sys.executable, "-m", "clpd_ray.cli", "run"]
-# The fault tests' run (40 steps, a checkpoint every 10; its uninterrupted run is shared): the
-# signal, once step 15 is logged, lands between two checkpoints or at one.
-SIGNAL_RUN = FAULT_RUN
 
 
 # ---------------------------------------------------------------------------- fast pieces
@@ -323,7 +320,9 @@ def test_sigterm_to_the_whole_process_group_stops_at_a_step_and_leaves_no_ray_pr
     boundary with a checkpoint and then ends them itself; the resume gives the uninterrupted
     run's student, decisions and metrics. (A SIGTERM to the driver alone takes the same path
     in the driver: ``ray job stop`` in test_job_submit.py; SIGINT's handling is the fast tests'.)"""
-    config = tiny_config(*SIGNAL_RUN, **TWO_RUNGS)
+    # The fault tests' run (40 steps, a checkpoint every 10; its uninterrupted run is shared):
+    # the signal, once step 15 is logged, lands between two checkpoints or at one.
+    config = tiny_config(*FAULT_RUN, **TWO_RUNGS)
     reference = uninterrupted(config)
     cfg, out = tmp_path / "cfg.yaml", tmp_path / "run"
     cfg.write_text(yaml.safe_dump(config.to_dict()))
