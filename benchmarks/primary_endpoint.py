@@ -29,14 +29,14 @@ HEADER = (
 )
 
 
-def _by_seed(rows: list[dict[str, Any]], export: Path, arm: str) -> dict[int, float]:
+def by_seed(rows: list[dict[str, Any]], export: Path, arm: str) -> dict[int, float]:
     out = {int(r["seed"]): float(r["accuracy"]) for r in rows if r["arm"] == arm}
     if not out:
         raise SystemExit(f"{export}/results.jsonl has no runs of arm {arm!r}")
     return out
 
 
-def _fmt(x: float | None, spec: str) -> str:
+def fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
@@ -45,7 +45,7 @@ def primary_table(budgets: list[tuple[int, Path, str]]) -> str:
     rows: list[dict[str, Any]] = []
     for budget, export, comparator in budgets:
         results = read_results(export)
-        clpd, other = _by_seed(results, export, "clpd"), _by_seed(results, export, comparator)
+        clpd, other = by_seed(results, export, "clpd"), by_seed(results, export, comparator)
         c = paired_compare("clpd", comparator, clpd, other)
         diffs = [clpd[s] - other[s] for s in c.seeds]
         rows.append({"budget": budget, "b": comparator, "c": c, "ci": mean_ci(diffs)[1]})
@@ -63,9 +63,9 @@ def primary_table(budgets: list[tuple[int, Path, str]]) -> str:
         )
         ci = "-" if r["ci"] is None else f"[{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]"
         lines.append(
-            f"| {r['budget']:,} | {r['b']} | {c.n} | {_fmt(c.mean_diff, '+.3f')} | {ci} | "
-            f"{_fmt(c.p_value, '.3g')} | {_fmt(c.wilcoxon_p, '.3g')} | {_fmt(ht, '.3g')} | "
-            f"{_fmt(hw, '.3g')} | {'yes' if better else 'no'} |"
+            f"| {r['budget']:,} | {r['b']} | {c.n} | {fmt(c.mean_diff, '+.3f')} | {ci} | "
+            f"{fmt(c.p_value, '.3g')} | {fmt(c.wilcoxon_p, '.3g')} | {fmt(ht, '.3g')} | "
+            f"{fmt(hw, '.3g')} | {'yes' if better else 'no'} |"
         )
     return "\n".join(lines)
 

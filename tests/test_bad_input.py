@@ -784,6 +784,22 @@ def test_a_damaged_line_inside_a_results_file_is_named(tmp_path, capsys):
     )
 
 
+def test_a_results_file_copied_without_its_runs_is_named(tmp_path, capsys):
+    """results.jsonl and ablation.json copied alone: the report names the missing run summary."""
+    import shutil
+
+    copy = tmp_path / "ablation"
+    copy.mkdir()
+    for name in ("results.jsonl", "ablation.json"):
+        shutil.copy(PUBLISHED / name, copy / name)
+    _check_error(
+        capsys,
+        main(["report", str(copy)]),
+        ["summary.json does not exist", "results.jsonl lists that run", "--export DST"],
+    )
+    assert sorted(p.name for p in copy.iterdir()) == ["ablation.json", "results.jsonl"]
+
+
 def test_a_model_that_is_not_a_causal_lm_is_refused_before_any_actor(tmp_path, tiny_config):
     """A T5 checkpoint as a teacher: exit 2 from the driver's checks, naming the model type."""
     from transformers import T5Config

@@ -401,7 +401,14 @@ def write_report(out: str | Path) -> dict[str, Any]:
         raise ClpdError(f"{out / 'results.jsonl'} has no finished runs yet; nothing to report")
     manifest_path = out / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    first = json.loads((out / rows[0]["run_dir"] / "summary.json").read_text())
+    first_summary = out / rows[0]["run_dir"] / "summary.json"
+    if not first_summary.is_file():
+        raise ClpdError(
+            f"{first_summary} does not exist: {out / 'results.jsonl'} lists that run, and the "
+            "report reads the teacher ladder from it; copy the ablation with its runs/ folder, "
+            "or with `clpd report SRC --export DST`, which keeps what a report needs"
+        )
+    first = json.loads(first_summary.read_text())
     teachers = first.get("teachers", {})
     ladder = manifest.get("ladder") or list(teachers)
     arms = list(dict.fromkeys(r["arm"] for r in rows))
