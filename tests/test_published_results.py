@@ -7,8 +7,10 @@ tables must equal the committed ones and appear, row for row, in docs/results.md
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,15 +18,21 @@ import pytest
 from clpd_ray.cli import main
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-# Each published ablation, with the runs it must hold: 6 arms (+2 single-teacher arms for fkl) x 5
-# seeds, and the follow-up (clpd with a long last stage and with equal stages, 10 seeds each).
-PUBLISHED = {"fkl": 40, "jsd": 30, "fkl-long-last-stage": 10, "fkl-clpd-10-seeds": 10}
-# The redo's tuning-draw exports (issue 13): 2 tuning seeds per arm; only their per-arm table is
-# quoted in docs/results.md (the learning rate each arm gets; the boundary-grid oracle).
-TUNING = {"tuning-1500": 56, "tuning-4500": 56, "oracle-1500": 32, "oracle-4500": 32}
-# The redo's evaluation exports (issue 13): 7 arms x 10 evaluation seeds, with learning curves,
-# the floor and full-chain match; every table of their reports is quoted in docs/results.md.
-EVALUATION = {"eval-1500": 70, "eval-4500": 70}
+# Each export: the runs it must hold and the fewest seeds any arm has.
+# The first wave's ablations: 6 arms (+2 single-teacher arms for fkl) x 5 seeds, and the
+# follow-up (clpd with a long last stage and with equal stages, 10 seeds each).
+PUBLISHED = {"fkl": (40, 5), "jsd": (30, 5), "fkl-long-last-stage": (10, 10)}
+PUBLISHED |= {"fkl-clpd-10-seeds": (10, 10)}
+# The redo's tuning-draw exports (issue 13): 2 tuning seeds per arm (the second task: 1); only
+# their per-arm table is quoted in docs/results.md (the learning rate each arm gets; the
+# boundary-grid oracle).
+TUNING = {"tuning-1500": (56, 2), "tuning-4500": (56, 2), "oracle-1500": (32, 2)}
+TUNING |= {"oracle-4500": (32, 2), "tuning-add-4500": (20, 1)}
+# The redo's evaluation exports (issue 13): 7 arms x 10 evaluation seeds; the oracle's pick on
+# the same 10 seeds; the second task's 5 arms x 5 seeds. With learning curves, the floor and
+# full-chain match; every table of their reports is quoted in docs/results.md.
+EVALUATION = {"eval-1500": (70, 10), "eval-4500": (70, 10), "oracle-eval-1500": (10, 10)}
+EVALUATION |= {"oracle-eval-4500": (10, 10), "eval-add-4500": (25, 5)}
 OUTPUTS = ("summary.json", "report.md", "figures")  # what `clpd report` writes
 
 
@@ -52,10 +60,9 @@ def test_clpd_report_rebuilds_the_published_numbers(tmp_path, loss, capsys):
     rebuilt = json.loads((copy / "summary.json").read_text())
     assert rebuilt == json.loads((src / "summary.json").read_text())
     tuning, evaluation = loss in TUNING, loss in EVALUATION
-    assert rebuilt["runs"] == {**PUBLISHED, **TUNING, **EVALUATION}[loss]
-    assert all(
-        a["n"] >= (2 if tuning else 10 if evaluation else 5) for a in rebuilt["arms"].values()
-    )
+    runs, fewest_seeds = {**PUBLISHED, **TUNING, **EVALUATION}[loss]
+    assert rebuilt["runs"] == runs
+    assert min(a["n"] for a in rebuilt["arms"].values()) == fewest_seeds
 
     report = (copy / "report.md").read_text()
     committed = (src / "report.md").read_text()
@@ -64,10 +71,12 @@ def test_clpd_report_rebuilds_the_published_numbers(tmp_path, loss, capsys):
     redrawn: tuple[str, ...] = (
         "accuracy.png",
         "accuracy_by_difficulty.png",
-    )  # no clpd arm in tuning
+    )
     if evaluation:
         redrawn += ("learning_curves.png",)
-    for name in redrawn if tuning else (*redrawn, "schedule_clpd.png"):
+    if "clpd" in rebuilt["arms"]:
+        redrawn += ("schedule_clpd.png",)
+    for name in redrawn:
         assert (copy / "figures" / name).read_bytes()[:4] == b"\x89PNG"
 
     results_md = (DOCS / "results.md").read_text()
@@ -90,18 +99,46 @@ def test_clpd_report_rebuilds_the_published_numbers(tmp_path, loss, capsys):
 PRIMARY = {1500: ("eval-1500", "sft"), 4500: ("eval-4500", "sft")}
 
 
-def test_the_primary_endpoint_table_is_what_the_script_prints(capsys):
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "primary_endpoint.py"
-    spec = importlib.util.spec_from_file_location("primary_endpoint", path)
+def _script_rows(name: str, argv: list[str], capsys) -> list[str]:
+    """The markdown rows benchmarks/<name>.py prints for argv."""
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    spec = importlib.util.spec_from_file_location(name, benchmarks / f"{name}.py")
     assert spec is not None and spec.loader is not None
     script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    argv = [f"--budget={b}={DOCS / 'results' / d}:{arm}" for b, (d, arm) in PRIMARY.items()]
+    sys.path.insert(0, str(benchmarks))  # as when run as a script: its siblings import
+    try:
+        spec.loader.exec_module(script)
+    finally:
+        sys.path.remove(str(benchmarks))
     assert script.main(argv) == 0
-    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+    return [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+
+
+def test_the_primary_endpoint_table_is_what_the_script_prints(capsys):
+    argv = [f"--budget={b}={DOCS / 'results' / d}:{arm}" for b, (d, arm) in PRIMARY.items()]
+    rows = _script_rows("primary_endpoint", argv, capsys)
     assert len(rows) == 1 + len(PRIMARY)  # the header and one row per budget
     results_md = (DOCS / "results.md").read_text()
     missing = [r for r in rows if r not in results_md]
     assert not missing, f"docs/results.md lacks these primary-endpoint rows: {missing}"
+
+
+# adaptive (in the evaluation export) against the oracle's pick (in its own export), per budget.
+ORACLE = {
+    1500: (("eval-1500", "adaptive"), ("oracle-eval-1500", "clpd-b250-500")),
+    4500: (("eval-4500", "adaptive"), ("oracle-eval-4500", "clpd-b750-2250")),
+}
+
+
+def test_the_oracle_table_is_what_the_script_prints(capsys):
+    results = DOCS / "results"
+    argv = [
+        f"--budget={b}={results / a}:{a_arm},{results / o}:{o_arm}"
+        for b, ((a, a_arm), (o, o_arm)) in ORACLE.items()
+    ]
+    rows = _script_rows("oracle_endpoint", argv, capsys)
+    assert len(rows) == 1 + len(ORACLE)
+    assert all(row.split(" | ")[2] == "10" for row in rows[1:])  # n: ten paired seeds
+    results_md = (DOCS / "results.md").read_text()
+    missing = [r for r in rows if r not in results_md]
+    assert not missing, f"docs/results.md lacks these oracle rows: {missing}"
