@@ -29,9 +29,10 @@ PUBLISHED |= {"fkl-clpd-10-seeds": (10, 10)}
 TUNING = {"tuning-1500": (56, 2), "tuning-4500": (56, 2), "oracle-1500": (32, 2)}
 TUNING |= {"oracle-4500": (32, 2), "tuning-add-4500": (20, 1)}
 # The redo's evaluation exports (issue 13): 7 arms x 10 evaluation seeds; the second task's 5
-# arms x 5 seeds. With learning curves, the floor and
+# arms x 5 seeds; the oracle's pick on the 10 evaluation seeds. With learning curves, the floor and
 # full-chain match; every table of their reports is quoted in docs/results.md.
 EVALUATION = {"eval-1500": (70, 10), "eval-4500": (70, 10), "eval-add-4500": (25, 5)}
+EVALUATION |= {"oracle-eval-4500": (10, 10)}
 OUTPUTS = ("summary.json", "report.md", "figures")  # what `clpd report` writes
 
 
@@ -125,3 +126,23 @@ def test_the_primary_endpoint_table_is_what_the_script_prints(capsys, budgets):
     results_md = (DOCS / "results.md").read_text()
     missing = [r for r in rows if r not in results_md]
     assert not missing, f"docs/results.md lacks these primary-endpoint rows: {missing}"
+
+
+# adaptive (in the evaluation export) against the oracle's pick (in its own export), per budget.
+ORACLE = {
+    4500: (("eval-4500", "adaptive"), ("oracle-eval-4500", "clpd-b750-2250")),
+}
+
+
+def test_the_oracle_table_is_what_the_script_prints(capsys):
+    results = DOCS / "results"
+    argv = [
+        f"--budget={b}={results / a}:{a_arm},{results / o}:{o_arm}"
+        for b, ((a, a_arm), (o, o_arm)) in ORACLE.items()
+    ]
+    rows = _script_rows("oracle_endpoint", argv, capsys)
+    assert len(rows) == 1 + len(ORACLE)
+    assert all(row.split(" | ")[2] == "10" for row in rows[1:])  # n: ten paired seeds
+    results_md = (DOCS / "results.md").read_text()
+    missing = [r for r in rows if r not in results_md]
+    assert not missing, f"docs/results.md lacks these oracle rows: {missing}"
