@@ -32,7 +32,7 @@ TUNING |= {"oracle-4500": (32, 2), "tuning-add-4500": (20, 1)}
 # arms x 5 seeds; the oracle's pick on the 10 evaluation seeds. With learning curves, the floor and
 # full-chain match; every table of their reports is quoted in docs/results.md.
 EVALUATION = {"eval-1500": (70, 10), "eval-4500": (70, 10), "eval-add-4500": (25, 5)}
-EVALUATION |= {"oracle-eval-4500": (10, 10)}
+EVALUATION |= {"oracle-eval-1500": (10, 10), "oracle-eval-4500": (10, 10)}
 OUTPUTS = ("summary.json", "report.md", "figures")  # what `clpd report` writes
 
 
@@ -130,6 +130,7 @@ def test_the_primary_endpoint_table_is_what_the_script_prints(capsys, budgets):
 
 # adaptive (in the evaluation export) against the oracle's pick (in its own export), per budget.
 ORACLE = {
+    1500: (("eval-1500", "adaptive"), ("oracle-eval-1500", "clpd-b250-500")),
     4500: (("eval-4500", "adaptive"), ("oracle-eval-4500", "clpd-b750-2250")),
 }
 
