@@ -53,10 +53,10 @@ def oracle_table(budgets: list[tuple[int, Side, Side]]) -> str:
     return "\n".join(lines)
 
 
-def _side(text: str, flag: str) -> Side:
+def _side(text: str) -> Side:
     export, arm = text.rsplit(":", 1)
     if not export or not arm:
-        raise ValueError(flag)
+        raise ValueError(text)
     return Path(export), arm
 
 
@@ -64,7 +64,7 @@ def _budget(text: str) -> tuple[int, Side, Side]:
     try:
         steps, rest = text.split("=", 1)
         first, second = rest.split(",")
-        return int(steps), _side(first, text), _side(second, text)
+        return int(steps), _side(first), _side(second)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"--budget {text!r}: write STEPS=EXPORT_DIR:ARM,EXPORT_DIR:ARM (adaptive first, the "

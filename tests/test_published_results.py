@@ -36,6 +36,12 @@ EVALUATION |= {"oracle-eval-1500": (10, 10), "oracle-eval-4500": (10, 10)}
 OUTPUTS = ("summary.json", "report.md", "figures")  # what `clpd report` writes
 
 
+def _unquoted(rows: list[str]) -> list[str]:
+    """The rows docs/results.md does not contain."""
+    results_md = (DOCS / "results.md").read_text()
+    return [r for r in rows if r not in results_md]
+
+
 def _tables(report: str, sections: tuple[str, ...]) -> list[str]:
     """The table rows (lines starting with '|') under the given '## ' headings of a report."""
     rows, keep = [], False
@@ -79,7 +85,6 @@ def test_clpd_report_rebuilds_the_published_numbers(tmp_path, loss, capsys):
     for name in redrawn:
         assert (copy / "figures" / name).read_bytes()[:4] == b"\x89PNG"
 
-    results_md = (DOCS / "results.md").read_text()
     sections = ("Accuracy per arm",)
     if not tuning:
         sections += (
@@ -91,7 +96,7 @@ def test_clpd_report_rebuilds_the_published_numbers(tmp_path, loss, capsys):
         sections += ("Full-chain exact match", "Learning curves")
     rows = _tables(report, sections)
     assert len(rows) > (1 if tuning else 2) * len(rebuilt["arms"])
-    missing = [r for r in rows if r not in results_md]
+    missing = _unquoted(rows)
     assert not missing, f"docs/results.md lacks these rows of the {loss} report: {missing}"
 
 
@@ -123,8 +128,7 @@ def test_the_primary_endpoint_table_is_what_the_script_prints(capsys, budgets):
     argv = [f"--budget={b}={DOCS / 'results' / d}:{arm}" for b, (d, arm) in budgets.items()]
     rows = _script_rows("primary_endpoint", argv, capsys)
     assert len(rows) == 1 + len(budgets)  # the header and one row per budget
-    results_md = (DOCS / "results.md").read_text()
-    missing = [r for r in rows if r not in results_md]
+    missing = _unquoted(rows)
     assert not missing, f"docs/results.md lacks these primary-endpoint rows: {missing}"
 
 
@@ -144,6 +148,5 @@ def test_the_oracle_table_is_what_the_script_prints(capsys):
     rows = _script_rows("oracle_endpoint", argv, capsys)
     assert len(rows) == 1 + len(ORACLE)
     assert all(row.split(" | ")[2] == "10" for row in rows[1:])  # n: ten paired seeds
-    results_md = (DOCS / "results.md").read_text()
-    missing = [r for r in rows if r not in results_md]
+    missing = _unquoted(rows)
     assert not missing, f"docs/results.md lacks these oracle rows: {missing}"
