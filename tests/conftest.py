@@ -69,6 +69,9 @@ TINY_LADDER = [
 # (each rung is an actor process whose start-up, importing the model stack, is most of what a
 # tiny run costs).
 TWO_RUNGS = {"teachers": {"ladder": TINY_LADDER[:2]}, "curriculum": {"num_stages": 2}}
+# tiny_config(**ONE_RUNG): one teacher, one stage, for Ray tests of the machinery around a run
+# (jobs, shared clusters, stops) that no schedule changes.
+ONE_RUNG = {"teachers": {"ladder": TINY_LADDER[:1]}, "curriculum": {"num_stages": 1}}
 
 
 @pytest.fixture(scope="session")
@@ -107,6 +110,14 @@ def tiny_config(ladder_cache):
         return config_from_dict(apply_overrides(raw, list(overrides)), "tiny test config")
 
     return make
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first (a stable sort: the same order on every pytest-xdist worker). With
+    pyproject's addopts (two workers, tests handed out two at a time) the long Ray runs spread
+    over both workers and the many fast tests fill in after them, instead of one worker
+    finishing a long run alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 _BASELINES: dict[str, Path] = {}

@@ -61,31 +61,33 @@ def test_strict_load_names_missing_unexpected_and_misshaped_keys(tiny_config):
 _UNPICKLE = """
 import sys
 from ray import cloudpickle
-cls = cloudpickle.loads(sys.stdin.buffer.read())
+shipped = cloudpickle.loads(sys.stdin.buffer.read())
 heavy = sorted(m for m in ("torch", "transformers") if m in sys.modules)
-print(cls.__name__, heavy)
+print(*(f.__name__ for f in shipped), heavy)
 """
 
 
 def test_the_scheduler_actor_starts_without_importing_a_model_stack():
-    """Ray ships the wrapped actor class by value: unpickling it (what the scheduler's process
-    does before ``__init__``) must not drag in torch or transformers through the launcher."""
+    """Ray ships the wrapped actor class by value and the launcher's location query
+    (``__ray_call__``) by reference: unpickling them, as the scheduler's process does, must not
+    drag in torch or transformers through the launcher (about 5 CPU-seconds per start)."""
     import subprocess
     import sys
 
     from ray import cloudpickle
 
+    from clpd_ray.runtime.actors.device import actor_location
     from clpd_ray.runtime.actors.init_errors import reporting_init_errors
 
     wrapped = reporting_init_errors(SchedulerService, "scheduler-x", "policy clpd")
     out = subprocess.run(
         [sys.executable, "-c", _UNPICKLE],
-        input=cloudpickle.dumps(wrapped),
+        input=cloudpickle.dumps((wrapped, actor_location)),
         capture_output=True,
         timeout=120,
     )
     assert out.returncode == 0, out.stderr.decode()[-2000:]
-    assert out.stdout.decode().split() == ["SchedulerService", "[]"]
+    assert out.stdout.decode().split() == ["SchedulerService", "actor_location", "[]"]
 
 
 # --------------------------------------------------------------------- on Ray

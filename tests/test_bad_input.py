@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TWO_RUNGS
+from conftest import ONE_RUNG
 
 from clpd_ray.cli import main
 from clpd_ray.config import apply_overrides
@@ -470,7 +470,7 @@ def test_invalid_decision_stops_the_run_and_keeps_the_last_checkpoint(
         "train.total_steps=20",
         "train.checkpoint_every=5",
         "scheduler.probe_every=5",
-        **TWO_RUNGS,
+        **ONE_RUNG,
     )
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(config.to_dict()))
@@ -509,7 +509,7 @@ def test_a_policy_that_blocks_is_stopped_by_the_timeout(
         "scheduler.timeout_s=2",
         "train.total_steps=12",
         "train.checkpoint_every=0",
-        **TWO_RUNGS,
+        **ONE_RUNG,
     )
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(config.to_dict()))

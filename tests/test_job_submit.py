@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ONE_RUNG
 from ray_head import RayHead, start_head  # tests/ray_head.py (tests/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,22 +32,14 @@ EXCLUDES = [".git", ".venv", ".mypy_cache", ".ruff_cache", ".pytest_cache", "run
 STOP_WAIT_S = "60"
 
 
-@pytest.fixture(scope="module")
-def head():
-    h = start_head()
-    yield h
-    h.stop()
-
-
 def _client(head: RayHead):
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(head.dashboard_url, headers=head.headers)
 
 
-def _config(tiny_config, tmp_path: Path, *overrides: str) -> Path:
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(tiny_config(*overrides).to_dict()))
+def _config(tiny_config, path: Path, *overrides: str) -> Path:
+    path.write_text(yaml.safe_dump(tiny_config(*overrides, **ONE_RUNG).to_dict()))
     return path
 
 
@@ -91,77 +84,79 @@ def _wait(head: RayHead, job: str, timeout: float, until=None) -> str:
     )
 
 
-def test_the_job_server_refuses_a_client_without_the_token(head):
+def test_ray_jobs_finish_or_stop_at_a_step_boundary_on_a_head_that_checks_tokens(
+    tiny_config, tmp_path
+):
+    """One head, two jobs at once (their start-ups overlap): a short run finishes with a complete
+    run directory; `ray job stop` ends a long one at a step boundary, resumable. A client with a
+    wrong token is refused first."""
     from ray.job_submission import JobSubmissionClient
 
-    with pytest.raises(Exception, match=r"401|[Uu]nauthori[sz]ed|[Aa]uthentication"):
-        JobSubmissionClient(head.dashboard_url, headers={"Authorization": "Bearer wrong"})
-
-
-def test_clpd_run_as_a_ray_job(head, tiny_config, tmp_path):
-    config = _config(tiny_config, tmp_path, "train.total_steps=20", "train.checkpoint_every=10")
-    out = tmp_path / "run"
-    job = _submit(head, config, out)
-    status = _wait(head, job, timeout=300)
-    logs = _client(head).get_job_logs(job)
-    assert status == "SUCCEEDED", logs[-3000:]
-    # The job ran in the uploaded working_dir, not in this checkout.
-    info = _client(head).get_job_info(job)
-    assert info.runtime_env["working_dir"].startswith("gcs://"), info.runtime_env
-    # The run directory is complete: config, rows, a checkpoint, the student, the summary.
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 20 and summary["recoveries"] == 0
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [5, 10, 15, 20]
-    assert (out / "student" / "config.json").is_file()
     from clpd_ray.runtime.rundir import RunDir
 
-    run = RunDir.open(out)
-    latest = run.latest_checkpoint()
-    assert latest is not None and run.read_checkpoint(latest)["step"] == 10
-    assert summary["run_id"] in logs  # the run header went to the job's log
+    head = start_head()
+    try:
+        with pytest.raises(Exception, match=r"401|[Uu]nauthori[sz]ed|[Aa]uthentication"):
+            JobSubmissionClient(head.dashboard_url, headers={"Authorization": "Bearer wrong"})
 
+        short, long = tmp_path / "short", tmp_path / "long"
+        over = ("train.total_steps=20", "train.checkpoint_every=10")
+        short_job = _submit(head, _config(tiny_config, tmp_path / "short.yaml", *over), short)
+        over = ("train.total_steps=3000", "train.checkpoint_every=1000")
+        long_job = _submit(head, _config(tiny_config, tmp_path / "long.yaml", *over), long)
 
-def test_ray_job_stop_ends_a_run_at_a_step_boundary_and_it_stays_resumable(
-    head, tiny_config, tmp_path
-):
-    config = _config(tiny_config, tmp_path, "train.total_steps=3000", "train.checkpoint_every=1000")
-    out = tmp_path / "long"
-    job = _submit(head, config, out)
-    metrics = out / "metrics.jsonl"
-    _wait(head, job, timeout=300, until=lambda: metrics.exists() and metrics.stat().st_size > 0)
-    env = {**head.client_env(), "RAY_ADDRESS": head.dashboard_url}
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "job", "stop", job],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    status = _wait(head, job, timeout=120)
-    logs = _client(head).get_job_logs(job)
-    assert status == "STOPPED", logs[-3000:]
-    m = re.search(
-        r"clpd: stopped by SIGTERM at step (\d+); continue with: clpd run --resume (\S+)", logs
-    )
-    assert m, logs[-3000:]
-    step, where = int(m.group(1)), m.group(2)
-    assert 0 < step < 3000 and Path(where) == out
-    # Resumable: a committed checkpoint at the stop step, the lock released, no summary yet.
-    from clpd_ray.runtime.rundir import RunDir
+        # `ray job stop` once the long run has logged a row.
+        metrics = long / "metrics.jsonl"
+        _wait(head, long_job, 300, until=lambda: metrics.exists() and metrics.stat().st_size > 0)
+        env = {**head.client_env(), "RAY_ADDRESS": head.dashboard_url}
+        proc = subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), "job", "stop", long_job],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        status = _wait(head, long_job, timeout=120)
+        logs = _client(head).get_job_logs(long_job)
+        assert status == "STOPPED", logs[-3000:]
+        m = re.search(
+            r"clpd: stopped by SIGTERM at step (\d+); continue with: clpd run --resume (\S+)", logs
+        )
+        assert m, logs[-3000:]
+        step, where = int(m.group(1)), m.group(2)
+        assert 0 < step < 3000 and Path(where) == long
+        # Resumable: a committed checkpoint at the stop step, the lock released, no summary.
+        run = RunDir.open(long)
+        latest = run.latest_checkpoint()
+        assert latest is not None and run.read_checkpoint(latest)["step"] == step
+        assert not (long / "summary.json").exists()
+        status_out = subprocess.run(
+            [sys.executable, "-m", "clpd_ray.cli", "status", str(long)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
+            timeout=60,
+        )
+        assert status_out.returncode == 0, status_out.stderr
+        assert f"clpd run --resume {long}" in status_out.stdout
 
-    run = RunDir.open(out)
-    latest = run.latest_checkpoint()
-    assert latest is not None and run.read_checkpoint(latest)["step"] == step
-    assert not (out / "summary.json").exists()
-    status_out = subprocess.run(
-        [sys.executable, "-m", "clpd_ray.cli", "status", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
-        timeout=60,
-    )
-    assert status_out.returncode == 0, status_out.stderr
-    assert f"clpd run --resume {out}" in status_out.stdout
+        # The short run finished, in the uploaded working_dir, not in this checkout.
+        status = _wait(head, short_job, timeout=300)
+        logs = _client(head).get_job_logs(short_job)
+        assert status == "SUCCEEDED", logs[-3000:]
+        info = _client(head).get_job_info(short_job)
+        assert info.runtime_env["working_dir"].startswith("gcs://"), info.runtime_env
+        # The run directory is complete: config, rows, a checkpoint, the student, the summary.
+        summary = json.loads((short / "summary.json").read_text())
+        assert summary["steps"] == 20 and summary["recoveries"] == 0
+        rows = [json.loads(x) for x in (short / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [5, 10, 15, 20]
+        assert (short / "student" / "config.json").is_file()
+        run = RunDir.open(short)
+        latest = run.latest_checkpoint()
+        assert latest is not None and run.read_checkpoint(latest)["step"] == 10
+        assert summary["run_id"] in logs  # the run header went to the job's log
+    finally:
+        head.stop()

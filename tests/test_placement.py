@@ -54,6 +54,16 @@ def test_slot_resources_join_the_bundles(tiny_config):
     assert p.bundles()[4] == {"CPU": 1.0}  # the scheduler goes anywhere
 
 
+def test_an_sft_run_places_no_teacher(tiny_config):
+    """distill.objective: sft trains without a teacher: its GPUs are not held for one."""
+    p = plan_placement(
+        tiny_config("cluster.gpus_per_actor=1", "distill.objective=sft"), {"CPU": 4, "GPU": 1}
+    )
+    assert p.teacher_actors == 0 and "no teacher actors" in p.why
+    assert p.bundles() == [{"CPU": 1.0, "GPU": 1.0}, {"CPU": 1.0}]  # student, scheduler
+    assert (p.student_bundle, p.scheduler_bundle) == (0, 1)
+
+
 # --------------------------------------------------------------------- on Ray
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TWO_RUNGS
+from conftest import ONE_RUNG
 
 from clpd_ray.cli import main
 from clpd_ray.errors import ClusterError
@@ -99,9 +99,9 @@ def test_two_runs_on_one_cluster_at_the_same_time_both_complete(
     from clpd_ray.runtime.run import run_distillation
     from clpd_ray.workload import build_workload
 
-    # CPU bundles of 0.2 CPU x 4 actors: both runs fit the session cluster's 2 CPUs at once.
+    # CPU bundles of 0.333 CPU x 3 actors: both runs fit the session cluster's 2 CPUs at once.
     config = tiny_config(
-        "train.total_steps=8", "train.checkpoint_every=4", "scheduler.probe_every=4", **TWO_RUNGS
+        "train.total_steps=8", "train.checkpoint_every=4", "scheduler.probe_every=4", **ONE_RUNG
     )
     workload = build_workload(config, progress=False)
     summaries: dict[str, dict] = {}

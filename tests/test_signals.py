@@ -271,18 +271,6 @@ def _wait_logged(proc: subprocess.Popen, out: Path, step: int) -> None:
         time.sleep(0.05)
 
 
-def _signal_once_logged(proc: subprocess.Popen, out: Path, step: int, sig: signal.Signals):
-    """Send ``sig`` to the clpd process alone once ``step`` is in metrics.jsonl; returns its
-    exit code and stderr once the Ray processes it had started are gone (checked here, before
-    the caller's _kill_session would end them anyway)."""
-    _wait_logged(proc, out, step)
-    ray_procs = _ray_processes(proc)
-    os.kill(proc.pid, sig)
-    _, err = proc.communicate(timeout=120)
-    assert_gone_soon(ray_procs)
-    return proc.returncode, err
-
-
 def _session_dir(ray_procs: dict[int, str]) -> str:
     """The Ray session directory of these processes (the raylet's --session_dir argument)."""
     for pid, name in ray_procs.items():
@@ -350,7 +338,7 @@ def test_sigterm_to_the_whole_process_group_stops_at_a_step_and_leaves_no_ray_pr
     step = _assert_clean_stop(proc.returncode, err, signal.SIGTERM, out)
     assert 15 <= step < 40
 
-    _resume_to_the_same_student(out, tmp_path, step, reference)
+    _resume_to_the_same_student(out, step, reference)
     assert _jsonl(out / "decisions.jsonl") == _jsonl(reference / "decisions.jsonl")
     keys = ("step", "stage", "teacher", "loss", "kd_loss", "ce_loss", "lr")
     rows = [
@@ -359,15 +347,13 @@ def test_sigterm_to_the_whole_process_group_stops_at_a_step_and_leaves_no_ray_pr
     assert rows[0] == rows[1]
 
 
-def _resume_to_the_same_student(out: Path, tmp_path: Path, step: int, reference: Path) -> None:
-    """``clpd run --resume out`` exits 0, continues at ``step`` and ends with the student of the
-    uninterrupted ``reference`` run, tensor for tensor."""
-    resumed = _start(["--resume", str(out)], tmp_path)
-    try:
-        _, err = resumed.communicate(timeout=300)
-    finally:
-        _kill_session(resumed)
-    assert resumed.returncode == 0, err[-3000:]
+def _resume_to_the_same_student(out: Path, step: int, reference: Path) -> None:
+    """``clpd run --resume out`` (the CLI in this process, on the session's cluster: the
+    stopped run's own local Ray is gone) exits 0, continues at ``step`` and ends with the
+    student of the uninterrupted ``reference`` run, tensor for tensor."""
+    from clpd_ray.cli import main
+
+    assert main(["run", "--resume", str(out)]) == 0
     assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == step
     a, b = _student(out), _student(reference)
     assert [k for k in b if not torch.equal(a[k], b[k])] == []

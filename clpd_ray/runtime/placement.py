@@ -39,7 +39,7 @@ class Placement:
     cpu: float  # CPU share of every bundle (Ray bookkeeping; threads are set per actor)
     use_slots: bool  # bundles also ask for teacher_slot / student_slot (cluster.yaml node types)
     why: str  # one line for the run header
-    replicas: tuple[int, ...] = ()  # actors per teacher; empty: one each
+    replicas: tuple[int, ...] = ()  # actors per teacher (0 each for sft); empty: one each
 
     @property
     def use_gpu(self) -> bool:
@@ -99,7 +99,9 @@ def plan_placement(config: Config, resources: Mapping[str, float]) -> Placement:
 
     Raises :class:`ClusterError` when the cluster has GPUs but fewer than the run asks for.
     """
-    replicas = tuple(t.replicas for t in config.teachers.ladder)
+    # distill.objective: sft trains on the reference chains alone: no teacher actor, no bundle.
+    sft = config.distill.objective == "sft"
+    replicas = tuple(0 if sft else t.replicas for t in config.teachers.ladder)
     n = sum(replicas)  # teacher actors
     gpa = config.cluster.gpus_per_actor
     gpus = float(resources.get("GPU", 0))
@@ -120,6 +122,8 @@ def plan_placement(config: Config, resources: Mapping[str, float]) -> Placement:
     slots = resources.get("teacher_slot", 0) >= n and resources.get("student_slot", 0) >= 1
     if slots:
         why += "; teacher_slot / student_slot nodes"
+    if sft:
+        why += "; no teacher actors (distill.objective is sft)"
     return Placement(len(replicas), gpa if use_gpu else 0.0, cpu, slots, why, replicas)
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["assigned_gpu_ids", "pick_device", "set_threads"]
+__all__ = ["actor_location", "assigned_gpu_ids", "pick_device", "set_threads"]
 
 
 def assigned_gpu_ids() -> list[str]:
@@ -51,3 +51,20 @@ def set_threads(n: int | None) -> None:
         sys.modules["torch"].set_num_threads(n)
     else:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)
+
+
+def actor_location(actor: Any) -> dict[str, Any]:
+    """Run inside an actor (``__ray_call__``): its node, device and assigned GPUs.
+
+    Defined here, in a module that loads neither torch nor transformers: Ray ships a function by
+    reference, so the actor's process imports the module that defines it, and the scheduler's
+    process would otherwise load the whole model stack (about 5 CPU-seconds) to answer."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return {
+        "node_ip": ray.util.get_node_ip_address(),
+        "node_id": ctx.get_node_id(),
+        "device": str(getattr(actor, "device", "cpu")),
+        "gpu_ids": tuple(str(g) for g in ray.get_gpu_ids()),
+    }

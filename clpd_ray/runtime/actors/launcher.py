@@ -49,6 +49,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from clpd_ray.config import Config
 from clpd_ray.errors import ActorInitError, ClpdError, ClusterError
+from clpd_ray.runtime.actors.device import actor_location
 from clpd_ray.runtime.actors.init_errors import reporting_init_errors
 from clpd_ray.runtime.actors.scheduler import SchedulerService
 from clpd_ray.runtime.actors.student import StudentTrainer
@@ -236,7 +237,7 @@ class Launcher:
         )
         teachers: list[Any] = [None] * n
         self.actors = Actors(student=student, scheduler=scheduler, teachers=teachers)
-        if c.teachers.resident == "all":
+        if c.teachers.resident == "all" and c.distill.objective != "sft":  # sft: no teacher
             for i in range(n):
                 self.teacher(i)
         return self.actors
@@ -368,7 +369,7 @@ class Launcher:
         for i, pool in enumerate(self.actors.teachers):
             if pool is not None:  # every replica, under its own name
                 named += [(self.teacher_name(i, r), h) for r, h in enumerate(pool.replicas)]
-        refs = [h.__ray_call__.remote(_where) for _, h in named]
+        refs = [h.__ray_call__.remote(actor_location) for _, h in named]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         if len(ready) < len(refs):
             late = [n for (n, _), r in zip(named, refs, strict=True) if r not in ready]
@@ -426,17 +427,6 @@ def _kill_quietly(handle: Any) -> None:
         ray.kill(handle, no_restart=True)
     except Exception:  # already gone
         _ = None
-
-
-def _where(actor: Any) -> dict[str, Any]:
-    """Run inside an actor (``__ray_call__``): its node, device and assigned GPUs."""
-    ctx = ray.get_runtime_context()
-    return {
-        "node_ip": ray.util.get_node_ip_address(),
-        "node_id": ctx.get_node_id(),
-        "device": str(getattr(actor, "device", "cpu")),
-        "gpu_ids": tuple(str(g) for g in ray.get_gpu_ids()),
-    }
 
 
 def _init_error(name: str, err: ray.exceptions.ActorDiedError) -> ClpdError:
