@@ -113,11 +113,16 @@ def tiny_config(ladder_cache):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The slow tests first (a stable sort: the same order on every pytest-xdist worker). With
-    pyproject's addopts (two workers, tests handed out two at a time) the long Ray runs spread
-    over both workers and the many fast tests fill in after them, instead of one worker
-    finishing a long run alone at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The slow tests first, then the other Ray tests (a stable sort: the same order on every
+    pytest-xdist worker). With pyproject's addopts (two workers, tests handed out two at a time)
+    the long Ray runs spread over both workers and the many fast tests fill in after them,
+    instead of one worker finishing a long run alone at the end."""
+    items.sort(
+        key=lambda item: (
+            item.get_closest_marker("slow") is None,
+            item.get_closest_marker("ray") is None,
+        )
+    )
 
 
 _BASELINES: dict[str, Path] = {}

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import TWO_RUNGS
+from conftest import ONE_RUNG
 
 from clpd_ray.cli import main
 from clpd_ray.errors import ClpdError
@@ -331,7 +331,7 @@ def test_every_panel_returns_data_from_a_real_prometheus(tiny_config, tmp_path):
                 "train.checkpoint_every=75",
                 "scheduler.policy=adaptive",
                 "scheduler.probe_every=25",
-                **TWO_RUNGS,
+                **ONE_RUNG,
             )
             run = run_on_head(head, config, tmp_path)
             summary = run.summary
