@@ -73,6 +73,41 @@ def _forbid_training(monkeypatch) -> None:
     monkeypatch.setattr(ladder_mod, "train_teacher", boom)
 
 
+def test_two_writers_of_one_entry_take_turns_and_the_second_trains_nothing(
+    tmp_path, tok, data, monkeypatch
+):
+    """Two processes training the same teacher into one cache (two runs on a node): the second
+    waits on the entry's lock, then finds the entry complete instead of rewriting it."""
+    import threading
+
+    from filelock import FileLock
+
+    cfg = _config(tmp_path)
+    spec = cfg.teachers.ladder[0]
+    out = tmp_path / "teachers" / f"{spec.name}-{teacher_cache_key(cfg, spec)}"
+    kwargs = {"batch_size": 8, "seed": 0, "out_dir": out, "progress": False}
+    writes: list[str] = []
+    real = ladder_mod._train_and_write
+
+    def recording(spec, *args, **kw):
+        writes.append(spec.name)
+        return real(spec, *args, **kw)
+
+    monkeypatch.setattr(ladder_mod, "_train_and_write", recording)
+    results: list[LadderEntry] = []
+    second = threading.Thread(
+        target=lambda: results.append(ladder_mod.train_teacher(spec, tok, *data, **kwargs))
+    )
+    with FileLock(str(out.with_name(out.name + ".lock"))):  # the first writer, mid-way
+        second.start()
+        second.join(timeout=1.0)
+        assert second.is_alive() and writes == []  # waiting, nothing written
+        first = real(spec, tok, *data, **kwargs)
+    second.join(timeout=120)
+    assert not second.is_alive() and writes == []  # found the first's entry: trained nothing
+    assert results == [first] and (out / "model.safetensors").is_file()
+
+
 def test_trains_writes_and_reloads_from_cache(tmp_path, tok, data, monkeypatch):
     cfg = _config(tmp_path)
     trained = _count_training(monkeypatch)

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
@@ -232,8 +233,50 @@ def train_teacher(
 ) -> LadderEntry:
     """Train one teacher on ``train``, measure it on ``held_out``, write it atomically to ``out_dir``.
 
-    ``on_step(steps_done)`` is called after each step (the worker processes report through it)."""
+    ``on_step(steps_done)`` is called after each step (the worker processes report through it).
+    Processes training the same teacher into one cache (two runs on a node) take turns on a lock
+    beside the entry: the later one finds the entry complete and trains nothing, instead of
+    deleting the other's half-written files."""
     _check_entry_dir(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out_dir.with_name(out_dir.name + ".lock"))):
+        done = _cached_entry(spec.name, out_dir)
+        if done is not None:
+            return done
+        return _train_and_write(
+            spec,
+            tokenizer,
+            train,
+            held_out,
+            batch_size=batch_size,
+            seed=seed,
+            out_dir=out_dir,
+            progress=progress,
+            max_length=max_length,
+            max_new_tokens=max_new_tokens,
+            fmt=fmt,
+            extractor=extractor,
+            on_step=on_step,
+        )
+
+
+def _train_and_write(
+    spec: TeacherSpec,
+    tokenizer: PreTrainedTokenizerBase,
+    train: list[Example],
+    held_out: list[Example],
+    *,
+    batch_size: int,
+    seed: int,
+    out_dir: Path,
+    progress: bool = True,
+    max_length: int | None = None,
+    max_new_tokens: int | None = None,
+    fmt: PromptFormat = _PLAIN,
+    extractor: AnswerExtractor | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> LadderEntry:
+    """train_teacher's work, under its lock."""
     rows = _TokenRows.encode(tokenizer, train, max_length, fmt)  # once, not every step
     model = build_model(spec, tokenizer, seed=seed)
     split = output_head(model)
@@ -348,6 +391,14 @@ def _cache_entry(cache: Path, spec: TeacherSpec, key: str) -> Path:
     out = cache / f"{spec.name}-{key}"
     _check_entry_dir(out)
     return out
+
+
+def _cached_entry(name: str, out: Path) -> LadderEntry | None:
+    """The cache entry at ``out`` when it is complete (written by rename, so never half)."""
+    acc = _read_accuracy(out)
+    if acc is None or not (out / "config.json").is_file():
+        return None
+    return LadderEntry(name, out, acc, acc.get("parameters"))
 
 
 def _read_accuracy(path: Path) -> dict | None:
@@ -480,9 +531,9 @@ def ensure_ladder(
         tok = load_tokenizer(spec.tokenizer) if own_tok else tokenizer  # type: ignore[arg-type]
         key = teacher_cache_key(config, spec, (train, held_out, tok))
         out = _cache_entry(cache, spec, key)
-        acc = _read_accuracy(out)
-        if acc is not None and (out / "config.json").is_file():
-            entries.append(LadderEntry(spec.name, out, acc, acc.get("parameters")))
+        cached = _cached_entry(spec.name, out)
+        if cached is not None:
+            entries.append(cached)
             continue
         out.parent.mkdir(parents=True, exist_ok=True)
         jobs.append((len(entries), TeacherJob(spec, tok, out, _max_length(config, spec))))
