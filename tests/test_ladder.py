@@ -77,35 +77,49 @@ def test_two_writers_of_one_entry_take_turns_and_the_second_trains_nothing(
     tmp_path, tok, data, monkeypatch
 ):
     """Two processes training the same teacher into one cache (two runs on a node): the second
-    waits on the entry's lock, then finds the entry complete instead of rewriting it."""
+    waits on the entry's lock while the first trains, then takes its entry and trains nothing."""
     import threading
-
-    from filelock import FileLock
+    import time
 
     cfg = _config(tmp_path)
     spec = cfg.teachers.ladder[0]
     out = tmp_path / "teachers" / f"{spec.name}-{teacher_cache_key(cfg, spec)}"
-    kwargs = {"batch_size": 8, "seed": 0, "out_dir": out, "progress": False}
-    writes: list[str] = []
-    real = ladder_mod._train_and_write
+    builds: list[str] = []
+    gate = threading.Event()
+    real = ladder_mod.build_model
 
-    def recording(spec, *args, **kw):
-        writes.append(spec.name)
-        return real(spec, *args, **kw)
+    def build(spec, *args, **kwargs):  # the first writer holds the lock until the gate opens
+        builds.append(spec.name)
+        if len(builds) == 1:
+            gate.wait(timeout=60)
+        return real(spec, *args, **kwargs)
 
-    monkeypatch.setattr(ladder_mod, "_train_and_write", recording)
-    results: list[LadderEntry] = []
-    second = threading.Thread(
-        target=lambda: results.append(ladder_mod.train_teacher(spec, tok, *data, **kwargs))
-    )
-    with FileLock(str(out.with_name(out.name + ".lock"))):  # the first writer, mid-way
-        second.start()
-        second.join(timeout=1.0)
-        assert second.is_alive() and writes == []  # waiting, nothing written
-        first = real(spec, tok, *data, **kwargs)
+    monkeypatch.setattr(ladder_mod, "build_model", build)
+    results: dict[str, LadderEntry] = {}
+
+    def writer(name: str) -> threading.Thread:
+        kwargs = {"batch_size": 8, "seed": 0, "out_dir": out, "progress": False}
+        t = threading.Thread(
+            target=lambda: results.update(
+                {name: ladder_mod.train_teacher(spec, tok, *data, **kwargs)}
+            )
+        )
+        t.start()
+        return t
+
+    first = writer("first")
+    deadline = time.monotonic() + 60
+    while not builds:  # the first writer is training, inside the lock
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    second = writer("second")
+    second.join(timeout=1.0)
+    assert second.is_alive() and builds == ["t-a"]  # waiting on the lock, nothing built
+    gate.set()
+    first.join(timeout=120)
     second.join(timeout=120)
-    assert not second.is_alive() and writes == []  # found the first's entry: trained nothing
-    assert results == [first] and (out / "model.safetensors").is_file()
+    assert builds == ["t-a"]  # the second found the first's entry complete
+    assert results["second"] == results["first"] and (out / "model.safetensors").is_file()
 
 
 def test_trains_writes_and_reloads_from_cache(tmp_path, tok, data, monkeypatch):

@@ -243,82 +243,48 @@ def train_teacher(
         done = _cached_entry(spec.name, out_dir)
         if done is not None:
             return done
-        return _train_and_write(
-            spec,
-            tokenizer,
-            train,
-            held_out,
-            batch_size=batch_size,
-            seed=seed,
-            out_dir=out_dir,
-            progress=progress,
-            max_length=max_length,
-            max_new_tokens=max_new_tokens,
-            fmt=fmt,
-            extractor=extractor,
-            on_step=on_step,
+        rows = _TokenRows.encode(tokenizer, train, max_length, fmt)  # once, not every step
+        model = build_model(spec, tokenizer, seed=seed)
+        split = output_head(model)
+        model.train()
+        opt, sched = make_optimizer(
+            model, spec.lr, spec.train_steps, warmup=min(100, spec.train_steps // 10)
         )
-
-
-def _train_and_write(
-    spec: TeacherSpec,
-    tokenizer: PreTrainedTokenizerBase,
-    train: list[Example],
-    held_out: list[Example],
-    *,
-    batch_size: int,
-    seed: int,
-    out_dir: Path,
-    progress: bool = True,
-    max_length: int | None = None,
-    max_new_tokens: int | None = None,
-    fmt: PromptFormat = _PLAIN,
-    extractor: AnswerExtractor | None = None,
-    on_step: Callable[[int], None] | None = None,
-) -> LadderEntry:
-    """train_teacher's work, under its lock."""
-    rows = _TokenRows.encode(tokenizer, train, max_length, fmt)  # once, not every step
-    model = build_model(spec, tokenizer, seed=seed)
-    split = output_head(model)
-    model.train()
-    opt, sched = make_optimizer(
-        model, spec.lr, spec.train_steps, warmup=min(100, spec.train_steps // 10)
-    )
-    rng = np.random.default_rng([seed, 7])
-    start = time.perf_counter()
-    bar = tqdm(
-        range(spec.train_steps), desc=f"train {spec.name}", disable=not progress, leave=False
-    )
-    for step in bar:
-        idx = rng.integers(0, len(train), batch_size)
-        loss = _lm_loss(model, to_torch(rows.batch(idx)), len(tokenizer), split=split)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if progress:
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        if on_step is not None:
-            on_step(step + 1)
-    train_s = time.perf_counter() - start
-    acc = _score(model, tokenizer, held_out, max_length, max_new_tokens, fmt, extractor)
-    acc.update(
-        name=spec.name,
-        parameters=count_parameters(model),
-        train_steps=spec.train_steps,
-        train_s=round(train_s, 1),
-    )
-    acc = json.loads(json.dumps(acc))  # the same (string) keys as when read back from the cache
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    hf_logging.disable_progress_bar()
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "accuracy.json").write_text(json.dumps(acc, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return LadderEntry(spec.name, out_dir, acc, acc["parameters"])
+        rng = np.random.default_rng([seed, 7])
+        start = time.perf_counter()
+        bar = tqdm(
+            range(spec.train_steps), desc=f"train {spec.name}", disable=not progress, leave=False
+        )
+        for step in bar:
+            idx = rng.integers(0, len(train), batch_size)
+            loss = _lm_loss(model, to_torch(rows.batch(idx)), len(tokenizer), split=split)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            if progress:
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if on_step is not None:
+                on_step(step + 1)
+        train_s = time.perf_counter() - start
+        acc = _score(model, tokenizer, held_out, max_length, max_new_tokens, fmt, extractor)
+        acc.update(
+            name=spec.name,
+            parameters=count_parameters(model),
+            train_steps=spec.train_steps,
+            train_s=round(train_s, 1),
+        )
+        acc = json.loads(json.dumps(acc))  # the same (string) keys as when read back from the cache
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        hf_logging.disable_progress_bar()
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "accuracy.json").write_text(json.dumps(acc, indent=2))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+        return LadderEntry(spec.name, out_dir, acc, acc["parameters"])
 
 
 @dataclass(frozen=True)
