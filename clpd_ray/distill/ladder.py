@@ -501,7 +501,6 @@ def ensure_ladder(
         if cached is not None:
             entries.append(cached)
             continue
-        out.parent.mkdir(parents=True, exist_ok=True)
         jobs.append((len(entries), TeacherJob(spec, tok, out, _max_length(config, spec))))
         entries.append(None)
     if jobs:

@@ -237,7 +237,8 @@ class Launcher:
         )
         teachers: list[Any] = [None] * n
         self.actors = Actors(student=student, scheduler=scheduler, teachers=teachers)
-        if c.teachers.resident == "all" and c.distill.objective != "sft":  # sft: no teacher
+        # Only what the placement placed: an sft run has no teacher actors (placement.py).
+        if c.teachers.resident == "all" and self.placement.teacher_actors:
             for i in range(n):
                 self.teacher(i)
         return self.actors
