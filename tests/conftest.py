@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 torch.set_num_threads(1)
 
@@ -75,9 +78,21 @@ ONE_RUNG = {"teachers": {"ladder": TINY_LADDER[:1]}, "curriculum": {"num_stages"
 
 
 @pytest.fixture(scope="session")
-def ladder_cache(tmp_path_factory) -> Path:
-    """One teacher cache for the whole session: tiny teachers are trained once."""
-    return tmp_path_factory.mktemp("ladder-cache")
+def session_dir(tmp_path_factory) -> Path:
+    """A directory every pytest-xdist worker of this session shares (the workers' base
+    temporary directories are its children); without xdist, the session's own."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def ladder_cache(session_dir) -> Path:
+    """One teacher cache for the whole session, shared by the xdist workers: tiny teachers are
+    trained once (train_teacher's file lock lets one worker train an entry while another
+    waits for it)."""
+    path = session_dir / "ladder-cache"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture
@@ -113,33 +128,39 @@ def tiny_config(ladder_cache):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The slow tests first, then the other Ray tests (a stable sort: the same order on every
-    pytest-xdist worker). With pyproject's addopts (two workers, tests handed out two at a time)
-    the long Ray runs spread over both workers and the many fast tests fill in after them,
-    instead of one worker finishing a long run alone at the end."""
+    """The tests that mostly wait first, then the slow tests, then the other Ray tests (a stable
+    sort: the same order on every pytest-xdist worker). With pyproject's addopts (two workers,
+    tests handed out two at a time) a waiting test runs beside the first busy one on the other
+    worker, the long Ray runs spread over both workers and the many fast tests fill in after
+    them, instead of one worker finishing a long run alone at the end."""
     items.sort(
         key=lambda item: (
+            item.get_closest_marker("waits") is None,
             item.get_closest_marker("slow") is None,
             item.get_closest_marker("ray") is None,
         )
     )
 
 
-_BASELINES: dict[str, Path] = {}
-
-
 @pytest.fixture
-def uninterrupted(ray_cluster, tmp_path_factory):
-    """The run directory of an uninterrupted run of ``config`` (one per config per session,
-    shared by the fault, resume and signal tests that compare their runs with it)."""
+def uninterrupted(ray_cluster, session_dir):
+    """The run directory of an uninterrupted run of ``config``: one per config per session,
+    shared by the fault, resume, signal and replica tests that compare their runs with it, on
+    every xdist worker (the first to need it runs it under a file lock while another waits).
+    Read it, never write to it: copy it first."""
     from clpd_ray.runtime.run import run_distillation
 
     def get(config) -> Path:
         key = json.dumps(config.to_dict(), sort_keys=True)
-        if key not in _BASELINES:
-            out = tmp_path_factory.mktemp("uninterrupted") / "run"
-            run_distillation(config, out, progress=False)
-            _BASELINES[key] = out
-        return _BASELINES[key]
+        home = session_dir / f"uninterrupted-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+        out, done = home / "run", home / "finished"
+        with FileLock(f"{home}.lock"):
+            if not done.exists():
+                if home.exists():  # a worker that failed mid-run left it: run it again
+                    shutil.rmtree(home)
+                home.mkdir()
+                run_distillation(config, out, progress=False)
+                done.touch()
+        return out
 
     return get

@@ -108,15 +108,7 @@ def test_ray_jobs_finish_or_stop_at_a_step_boundary_on_a_head_that_checks_tokens
         # `ray job stop` once the long run has logged a row.
         metrics = long / "metrics.jsonl"
         _wait(head, long_job, 300, until=lambda: metrics.exists() and metrics.stat().st_size > 0)
-        env = {**head.client_env(), "RAY_ADDRESS": head.dashboard_url}
-        proc = subprocess.run(
-            [str(Path(sys.executable).parent / "ray"), "job", "stop", long_job],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert _client(head).stop_job(long_job)  # what `ray job stop` asks the job server
         status = _wait(head, long_job, timeout=120)
         logs = _client(head).get_job_logs(long_job)
         assert status == "STOPPED", logs[-3000:]

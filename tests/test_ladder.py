@@ -407,9 +407,11 @@ def _weights(entry: LadderEntry) -> bytes:
 
 def test_missing_teachers_train_in_worker_processes(tmp_path, tok, data, capsys):
     """Two teachers in two spawned processes: both trained and cached where the keys say, one
-    line per teacher on the console, and the same weights (up to float rounding: the thread
-    count may differ) as training them here. A second run of the parallel path into an empty
-    cache gives byte-identical weights and scores."""
+    line per teacher on the console, and byte-identical weights and scores to training them
+    here with the workers' thread count (the thread count changes the order of float sums, so
+    the weights are the same for the same count)."""
+    from clpd_ray.distill.ladder_pool import cpu_count
+
     cfg = _config(tmp_path / "a")
     first = ensure_ladder(cfg, tok, *data, progress=True, workers=2)
     printed = capsys.readouterr().out
@@ -419,16 +421,15 @@ def test_missing_teachers_train_in_worker_processes(tmp_path, tok, data, capsys)
         assert e.accuracy["train_steps"] == 5 and e.accuracy["n"] == 30
         assert f"teacher {spec.name}: {e.parameters:,} params" in printed
     assert multiprocessing.active_children() == []
-    here = _ensure(_config(tmp_path / "c"), tok, data)
-    for e, h in zip(first, here, strict=True):
-        got, want = load_causal_lm(e.path).state_dict(), load_causal_lm(h.path).state_dict()
-        assert got.keys() == want.keys()
-        for k in got:
-            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
 
-    again = ensure_ladder(_config(tmp_path / "b"), tok, *data, progress=False, workers=2)
-    assert [_weights(e) for e in again] == [_weights(e) for e in first]
-    assert [e.accuracy["by_difficulty"] for e in again] == [
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, cpu_count() // 2))  # each of the two workers' share
+    try:
+        here = _ensure(_config(tmp_path / "here"), tok, data)
+    finally:
+        torch.set_num_threads(threads)
+    assert [_weights(e) for e in here] == [_weights(e) for e in first]
+    assert [e.accuracy["by_difficulty"] for e in here] == [
         e.accuracy["by_difficulty"] for e in first
     ]
 

@@ -97,6 +97,7 @@ def _bucket(values: dict[str, float], run: str, le: float) -> float | None:
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.waits  # ~30 s of sleep past Ray's gauge expiry
 def test_actor_metrics_reach_prometheus_and_gauges_outlive_rays_ttl(ray_cluster):
     run = f"test-{uuid.uuid4().hex[:8]}"
     actor = _recorder_actor(ray_cluster, run)

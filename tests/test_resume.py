@@ -359,9 +359,11 @@ def test_resume_refuses_a_teacher_whose_cached_weights_changed(
     from clpd_ray.workload import build_workload
 
     config = tiny_config()
-    build_workload(config, progress=False)  # the session's tiny teachers, trained once
+    # The session's tiny teachers, trained once; only their entries are copied (other tests
+    # may be writing other entries into the shared cache meanwhile).
     cache = tmp_path / "cache"
-    shutil.copytree(ladder_cache, cache)
+    for entry in build_workload(config, progress=False).ladder:
+        shutil.copytree(entry.path, cache / entry.path.relative_to(ladder_cache))
     config = tiny_config(f"teachers.cache_dir={cache}")
     workload = build_workload(config, progress=False)
     models = model_fingerprints(localise(config), [e.path for e in workload.ladder])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -19,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TWO_RUNGS
-from test_faults import FAULT_RUN, _clean_env, _jsonl, _kill_session, _student
+from conftest import ONE_RUNG
+from test_faults import NODE_RUN, _clean_env, _jsonl, _kill_session, _student, assert_same_run
 
 from clpd_ray.runtime import cleanup
 from clpd_ray.runtime.stopping import (
@@ -307,13 +308,17 @@ def test_sigterm_to_the_whole_process_group_stops_at_a_step_and_leaves_no_ray_pr
     the GCS of the local Ray too: they ignore it (SIGTERM blocked), the driver stops at a step
     boundary with a checkpoint and then ends them itself; the resume gives the uninterrupted
     run's student, decisions and metrics. (A SIGTERM to the driver alone takes the same path
-    in the driver: ``ray job stop`` in test_job_submit.py; SIGINT's handling is the fast tests'.)"""
-    # The fault tests' run (40 steps, a checkpoint every 10; its uninterrupted run is shared):
-    # the signal, once step 15 is logged, lands between two checkpoints or at one.
-    config = tiny_config(*FAULT_RUN, **TWO_RUNGS)
+    in the driver: ``ray job stop`` in test_job_submit.py; SIGINT's handling is the fast tests'.)
+    Every step is a checkpoint step here, so the stop lands on one: its checkpoint is committed
+    once, with the policy's state (the planner has not planned the step it stops at)."""
+    # The driver and node faults' run (30 steps; its uninterrupted run, with a checkpoint every
+    # 5, is the reference: checkpoints do not change what is trained).
+    config = tiny_config(*NODE_RUN, **ONE_RUNG)
     reference = uninterrupted(config)
     cfg, out = tmp_path / "cfg.yaml", tmp_path / "run"
-    cfg.write_text(yaml.safe_dump(config.to_dict()))
+    raw = config.to_dict()
+    raw["train"]["checkpoint_every"] = 1
+    cfg.write_text(yaml.safe_dump(raw))
     proc = _start([str(cfg), "--out", str(out)], tmp_path)  # its own process group
     try:
         _wait_logged(proc, out, 15)
@@ -336,7 +341,7 @@ def test_sigterm_to_the_whole_process_group_stops_at_a_step_and_leaves_no_ray_pr
         f"{[ray_procs[p] for p in left]}"
     )
     step = _assert_clean_stop(proc.returncode, err, signal.SIGTERM, out)
-    assert 15 <= step < 40
+    assert 15 <= step < 30
 
     _resume_to_the_same_student(out, step, reference)
     assert _jsonl(out / "decisions.jsonl") == _jsonl(reference / "decisions.jsonl")
@@ -359,42 +364,93 @@ def _resume_to_the_same_student(out: Path, step: int, reference: Path) -> None:
     assert [k for k in b if not torch.equal(a[k], b[k])] == []
 
 
-_KILLED_DRIVER = """
-import ray
-from clpd_ray.runtime.cleanup import watch_local_ray
-ray.init(address="local", num_cpus=1, include_dashboard=None, log_to_driver=False)
-watch_local_ray()
-@ray.remote
-class A:
-    def ping(self):
-        return 1
-a = A.remote()
-ray.get(a.ping.remote())
-print("ready", flush=True)
-input()
-"""
-
-
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_sigkilled_driver_leaves_no_ray_process_behind(tmp_path):
-    """Only the driver is killed (as by the OOM killer): the raylet's agents would otherwise
-    linger for about a minute; the watchdog ends them within seconds."""
+def test_a_sigkilled_driver_leaves_no_ray_process_and_resumes_from_s3_to_the_same_student(
+    ray_cluster, tiny_config, uninterrupted, tmp_path, s3_bucket, monkeypatch, capsys
+):
+    """`clpd run --out s3://...` (a subprocess with its own local Ray) SIGKILLed at a random
+    step, the driver alone, as by the OOM killer: its watchdog ends the local Ray within
+    seconds (the raylet's agents would otherwise linger for about a minute), and `clpd run
+    --resume s3://...` finishes the run with the uninterrupted run's student. The run directory
+    lives only in the bucket (moto's S3 server): the documented layout is there, and nothing is
+    written to the driver's working directory."""
+    from clpd_ray.cli import main
+    from clpd_ray.runtime import storage
+
+    config = tiny_config(*NODE_RUN, **ONE_RUNG)
+    reference = uninterrupted(config)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(config.to_dict()))
+    out = f"{s3_bucket}/runs/a"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    # A random logged step (metrics rows and checkpoints come every 5 steps): the kill lands
+    # within a step or two of it, before the checkpoint of that step is committed or after.
+    kill_at = random.Random().choice([5, 10, 15, 20])
+    print(f"killing the driver once step {kill_at} is logged")
+    log = (tmp_path / "first.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_DRIVER],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+        [*CLI, str(cfg), "--out", out],
+        stdout=log,
+        stderr=subprocess.STDOUT,
         env=_clean_env(),
-        cwd=tmp_path,
-        start_new_session=True,
+        cwd=cwd,
+        start_new_session=True,  # its own process group: _kill_session can end all of it
     )
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 240
+        metrics = storage.join(out, "metrics.jsonl")
+        while not (storage.exists(metrics) and f'"step": {kill_at},' in storage.read_text(metrics)):
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, f"step {kill_at} not logged within 240 s"
+            time.sleep(0.05)
         ray_procs = _ray_processes(proc)
+        session = _session_dir(ray_procs)
+        ray_procs.update({p: "in the session" for p in cleanup.session_processes(session)})
         os.kill(proc.pid, signal.SIGKILL)
+        killed = time.monotonic()
         proc.wait(timeout=30)
-        assert_gone_soon(ray_procs, within_s=cleanup.WATCHDOG_WINDOW_S)
+        assert proc.returncode == -signal.SIGKILL
+        assert not storage.exists(storage.join(out, "summary.json")), "finished before the kill"
+
+        # The resume (the CLI in this process, on the session's cluster, from the same empty
+        # working directory) while the watchdog ends the killed run's local Ray.
+        monkeypatch.chdir(cwd)
+        assert main(["run", "--resume", out]) == 0
+        assert_gone_soon(
+            ray_procs, within_s=max(0.0, killed + cleanup.WATCHDOG_WINDOW_S - time.monotonic())
+        )
+        assert cleanup.session_processes(session) == []
     finally:
         _kill_session(proc)
+        log.close()
+    assert "Traceback" not in "".join(capsys.readouterr())
+    assert list(cwd.iterdir()) == [], "a local run directory was created"
+    local = storage.download_dir(out, tmp_path / "downloaded")
+    summary = json.loads((local / "summary.json").read_text())
+    # From the last checkpoint committed before the kill (none before step 5: from the start).
+    assert kill_at - 5 <= summary["resumed_from_step"] <= kill_at + 5
+    assert_same_run(local, reference)
+
+    # The documented layout (README "Run directory"), in the bucket.
+    files = storage.file_sizes(out)
+    top = {name.split("/")[0] for name in files}
+    assert top == {"config.yaml", "metrics.jsonl", "decisions.jsonl", "summary.json"} | {
+        "run.json",  # the config it started with and its models' fingerprints
+        "resumes.jsonl",  # the resume after the kill (the lock object is gone: released)
+        "student",
+        "models",
+        "checkpoints",
+        "eval",  # predictions.jsonl of the final evaluation
+    }
+    assert "student/model.safetensors" in files
+    assert {n.split("/")[1] for n in files if n.startswith("models/")} == {"t0", "tokenizer"}
+    ckpts = sorted({n.split("/")[1] for n in files if n.startswith("checkpoints/")})
+    assert ckpts == ["step-0000020", "step-0000025"]  # train.keep_checkpoints=2
+    assert all(f"checkpoints/{c}/manifest.json" in files for c in ckpts)
+
+    # Resuming a finished run changes nothing (and starts nothing).
+    before = {n: storage.read_bytes(storage.join(out, n)) for n in files}
+    assert main(["run", "--resume", out]) == 0
+    assert {n: storage.read_bytes(storage.join(out, n)) for n in storage.file_sizes(out)} == before

@@ -424,9 +424,20 @@ class Executor:
         then raise :class:`RunStopped`, from which ``clpd run --resume`` continues at ``n``."""
         sig = stop_requested()
         assert sig is not None
-        self._commit_ready(wait=True)  # those due; ``n``'s too if it was one
+        # A checkpoint due at n itself (train.checkpoint_every) is committed below, with the
+        # policy's state: the planner has no snapshot of a step it has not planned.
+        due_at_n = None
+        if (
+            self.pending_checkpoints
+            and self.pending_checkpoints[-1][0] == n
+            and not self.planner.is_planned(n)
+        ):
+            _, due_at_n = self.pending_checkpoints.pop()
+        self._commit_ready(wait=True)  # those due before n (and n's, were n planned)
         if self._last is None or int(self._last[1]["step"]) != n:
-            ref = self.actors.student.checkpoint.remote(self.run_dir.checkpoint_dir(n))
+            ref = due_at_n
+            if ref is None:  # the student writes its files for n now
+                ref = self.actors.student.checkpoint.remote(self.run_dir.checkpoint_dir(n))
             self._collect(n - 1)
             for p in self.planner.probes_for_checkpoint(n):
                 self._record_probe(p)
