@@ -5,8 +5,8 @@ The end-to-end tests compare the final student with an uninterrupted run of the 
 The fast tests at the top check the pieces (student checkpoints, scheduler state, run-directory
 rewind, Ray settings) in-process.
 
-Run as a script (``python tests/test_faults.py node-loss CONFIG OUT``) this file is the node-loss
-scenario, which needs its own multi-node Ray cluster and so its own process.
+Run as a script (``python tests/test_faults.py node-loss CONFIG OUT HIDE``) this file is the
+node-loss scenario, which needs its own multi-node Ray cluster and so its own process.
 """
 
 from __future__ import annotations
@@ -313,7 +313,7 @@ def _clean_env() -> dict[str, str]:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_lost_node_with_the_run_in_s3_gives_the_uninterrupted_result(
-    ray_cluster, tiny_config, uninterrupted, tmp_path, s3_bucket
+    ray_cluster, tiny_config, uninterrupted, tmp_path, s3_bucket, session_dir
 ):
     """A 3-node cluster (ray.cluster_utils.Cluster, in a subprocess) whose run directory lives
     only in S3. The teacher starts on a worker that cannot see the driver's files (its own mount
@@ -330,7 +330,9 @@ def test_lost_node_with_the_run_in_s3_gives_the_uninterrupted_result(
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     proc = subprocess.Popen(
-        [sys.executable, __file__, "node-loss", str(cfg), out],
+        # session_dir holds every test directory of the session, the config, the ladder cache
+        # and the reference runs: the hidden worker sees none of it.
+        [sys.executable, __file__, "node-loss", str(cfg), out, str(session_dir)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -372,8 +374,9 @@ def _hidden_worker(address: str, hide: list[Path]) -> subprocess.Popen:
     )
 
 
-def _node_loss(cfg: str, out: str) -> None:
-    """The node-loss scenario (run in its own process: one Ray connection per process)."""
+def _node_loss(cfg: str, out: str, hide: str) -> None:
+    """The node-loss scenario (run in its own process: one Ray connection per process); the
+    hidden worker sees neither ``hide`` nor the node-local models cache."""
     import tempfile
 
     import ray
@@ -395,12 +398,12 @@ def _node_loss(cfg: str, out: str) -> None:
             "_system_config": fast_health,
         },
     )
-    # Hide the test session's directories (the config, ladder cache and test dirs are all under
-    # pytest's base temp dir) and the node-local models cache.
+    # Hide the test session's directories (the config, ladder cache and test dirs: ``hide``) and
+    # the node-local models cache.
     models_cache = Path(
         os.environ.get("CLPD_MODEL_CACHE", Path(tempfile.gettempdir()) / "clpd-models")
     )
-    hidden = _hidden_worker(cluster.address, [Path(cfg).resolve().parents[1], models_cache])
+    hidden = _hidden_worker(cluster.address, [Path(hide).resolve(), models_cache])
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         deadline = time.monotonic() + 120
@@ -450,10 +453,10 @@ def _node_loss(cfg: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["node-loss"]:
-        _node_loss(sys.argv[2], sys.argv[3])
+    if sys.argv[1:2] == ["node-loss"] and len(sys.argv) == 5:
+        _node_loss(*sys.argv[2:5])
     else:
-        raise SystemExit("usage: python tests/test_faults.py node-loss CONFIG OUT")
+        raise SystemExit("usage: python tests/test_faults.py node-loss CONFIG OUT HIDE")
 
 
 def test_a_non_finite_step_is_not_applied_and_names_the_setting(tmp_path, tiny_config):
