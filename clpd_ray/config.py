@@ -276,7 +276,8 @@ class StudentConfig(ModelSpec):
 class DistillConfig(_Strict):
     # token: the teacher's top-k distribution per token; sequence: the teacher's generated chain
     # (below); sft: no teacher at all, hard cross-entropy on the reference chain of thought (the
-    # no-teacher baseline: the `sft` arm of `clpd ablate`); no teacher actor is placed or started.
+    # no-teacher baseline: the `sft` arm of `clpd ablate`); no teacher actor is placed or started,
+    # and a policy's probes have no teacher part (no KL to a teacher, no teacher accuracy).
     objective: Literal["token", "sequence", "sft"] = "token"
     loss: LossKind = "fkl"
     beta: float = Field(0.5, gt=0, lt=1)

@@ -465,7 +465,11 @@ def test_invalid_decision_stops_the_run_and_keeps_the_last_checkpoint(
 
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "bad_policy_mod.py").write_text(BAD_DECISION_POLICY.format(step=12))
+    # sft: the student and the scheduler alone (no teacher actor); the policy is what fails. It
+    # reads probes, which an sft run takes without teachers (no KL part, no teacher accuracy):
+    # it reaches step 12 only if they work.
     config = tiny_config(
+        "distill.objective=sft",
         "scheduler.policy=bad_policy_mod:BadAt12",
         "train.total_steps=20",
         "train.checkpoint_every=5",
@@ -505,6 +509,7 @@ def test_a_policy_that_blocks_is_stopped_by_the_timeout(
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "blocking_policy_mod.py").write_text(BLOCKING_POLICY)
     config = tiny_config(
+        "distill.objective=sft",  # no teacher actor: the policy is what fails
         "scheduler.policy=blocking_policy_mod:BlocksAt6",
         "scheduler.timeout_s=2",
         "train.total_steps=12",

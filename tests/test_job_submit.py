@@ -39,7 +39,10 @@ def _client(head: RayHead):
 
 
 def _config(tiny_config, path: Path, *overrides: str) -> Path:
-    path.write_text(yaml.safe_dump(tiny_config(*overrides, **ONE_RUNG).to_dict()))
+    # sft (the student alone, no teacher actor): what is under test is the job around a run;
+    # stops of runs with teachers are test_signals.py's.
+    config = tiny_config("distill.objective=sft", *overrides, **ONE_RUNG)
+    path.write_text(yaml.safe_dump(config.to_dict()))
     return path
 
 

@@ -201,6 +201,12 @@ class Executor:
                     example_ids=np.arange(len(p)),
                 )
             )
+        if not self.launcher.placement.teacher_actors:
+            # sft: no teacher is started, so none scores the probes (no KL part, no teacher
+            # accuracy); the policy still sees the student's loss and accuracy on them.
+            self.planner.teacher_accuracy = ()
+            self._probe_args = (sets, [], self.w.max_new_tokens)
+            return
         # Teachers of another tokenizer family (sequence-level KD) cannot score the student's
         # tokens: the probes then have no KL part (ProbeResult.kl_to_teacher == ()).
         kl = self._teachers_share_vocab
