@@ -82,6 +82,19 @@ def _pid(handle) -> int:
     return ray.get(handle.__ray_call__.remote(lambda self: os.getpid()))
 
 
+def node_run(tiny_config, uninterrupted, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """The NODE_RUN config written to ``tmp_path/cfg.yaml`` for a driver of its own, that
+    config's uninterrupted run, and an empty working directory for the driver: (cfg, reference,
+    cwd)."""
+    config = tiny_config(*NODE_RUN, **ONE_RUNG)
+    reference = uninterrupted(config)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(config.to_dict()))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    return cfg, reference, cwd
+
+
 # ---------------------------------------------------------------------------- fast pieces
 
 
@@ -322,13 +335,8 @@ def test_lost_node_with_the_run_in_s3_gives_the_uninterrupted_result(
     and the run ends with the student of an uninterrupted run."""
     from clpd_ray.runtime import storage
 
-    config = tiny_config(*NODE_RUN, **ONE_RUNG)
-    reference = uninterrupted(config)
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(config.to_dict()))
+    cfg, reference, cwd = node_run(tiny_config, uninterrupted, tmp_path)
     out = f"{s3_bucket}/run"
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
     proc = subprocess.Popen(
         # session_dir holds every test directory of the session, the config, the ladder cache
         # and the reference runs: the hidden worker sees none of it.

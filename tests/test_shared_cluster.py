@@ -99,9 +99,15 @@ def test_two_runs_on_one_cluster_at_the_same_time_both_complete(
     from clpd_ray.runtime.run import run_distillation
     from clpd_ray.workload import build_workload
 
-    # CPU bundles of 0.333 CPU x 3 actors: both runs fit the session cluster's 2 CPUs at once.
+    # sft runs (the student and the scheduler: what makes two runs collide, their placement
+    # groups and actor names, is the same without a teacher actor). CPU bundles: both runs fit
+    # the session cluster's 2 CPUs at once.
     config = tiny_config(
-        "train.total_steps=8", "train.checkpoint_every=4", "scheduler.probe_every=4", **ONE_RUNG
+        "distill.objective=sft",
+        "train.total_steps=8",
+        "train.checkpoint_every=4",
+        "scheduler.probe_every=4",
+        **ONE_RUNG,
     )
     workload = build_workload(config, progress=False)
     summaries: dict[str, dict] = {}
@@ -130,5 +136,5 @@ def test_two_runs_on_one_cluster_at_the_same_time_both_complete(
     assert len(headers) == 2
     for run_id in ids:
         [h] = [h for h in headers if h.startswith(f"clpd run {run_id} -> ")]
-        assert f"student-{run_id}" in h and f"teacher-t0-{run_id}" in h
+        assert f"student-{run_id}" in h and f"scheduler-{run_id}" in h
         assert "CPU bundles (cluster.gpus_per_actor is 0)" in h

@@ -21,7 +21,15 @@ import pytest
 import torch
 import yaml
 from conftest import ONE_RUNG
-from test_faults import NODE_RUN, _clean_env, _jsonl, _kill_session, _student, assert_same_run
+from test_faults import (
+    NODE_RUN,
+    _clean_env,
+    _jsonl,
+    _kill_session,
+    _student,
+    assert_same_run,
+    node_run,
+)
 
 from clpd_ray.runtime import cleanup
 from clpd_ray.runtime.stopping import (
@@ -378,13 +386,8 @@ def test_a_sigkilled_driver_leaves_no_ray_process_and_resumes_from_s3_to_the_sam
     from clpd_ray.cli import main
     from clpd_ray.runtime import storage
 
-    config = tiny_config(*NODE_RUN, **ONE_RUNG)
-    reference = uninterrupted(config)
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(config.to_dict()))
+    cfg, reference, cwd = node_run(tiny_config, uninterrupted, tmp_path)
     out = f"{s3_bucket}/runs/a"
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
     # A random logged step (metrics rows and checkpoints come every 5 steps): the kill lands
     # within a step or two of it, before the checkpoint of that step is committed or after.
     kill_at = random.Random().choice([5, 10, 15, 20])
