@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ONE_RUNG, TWO_RUNGS
+from conftest import ONE_RUNG, TINY_LADDER, TWO_RUNGS
 
 REPO = Path(__file__).resolve().parents[1]
 # 40 steps, a checkpoint every 10, two rungs (tiny_config(*FAULT_RUN, **TWO_RUNGS)); the
@@ -247,16 +247,24 @@ def test_package_never_disables_auth_and_loads_weights_safely():
 def test_killed_teachers_student_and_scheduler_give_the_uninterrupted_result(
     ray_cluster, tiny_config, uninterrupted, tmp_path
 ):
+    """Teachers (t0 three times: its restarts, TEACHER_MAX_RESTARTS, all used; then one of t1's
+    two replicas, its requests in flight and its store writes perhaps half done), the scheduler
+    and the student SIGKILLed during one run: it ends with the student, decisions and metrics of
+    the uninterrupted run with one replica per teacher, bit for bit (CPU)."""
     import ray
 
     from clpd_ray.runtime.actors.launcher import NAMESPACE
     from clpd_ray.runtime.run import run_distillation
 
-    config = tiny_config(*FAULT_RUN, **TWO_RUNGS)
-    reference = uninterrupted(config)
+    reference = uninterrupted(tiny_config(*FAULT_RUN, **TWO_RUNGS))
+    two_replicas = [TINY_LADDER[0], {**TINY_LADDER[1], "replicas": 2}]
+    config = tiny_config(*FAULT_RUN, **{**TWO_RUNGS, "teachers": {"ladder": two_replicas}})
+    decisions = _jsonl(reference / "decisions.jsonl")
+    t1_from = next(d["step"] for d in decisions if d["teacher"] == "t1")  # the same step here
     out = tmp_path / "run"
     # step -> what to kill; each fires once (replayed steps call on_step again).
     plan = {3: "teacher", 7: "scheduler", 15: "teacher", 24: "student", 27: "teacher"}
+    plan[t1_from + 3] = "teacher-t1-r1"  # t1's second replica, 3 steps into t1's stage
     killed: list[tuple[int, str, int]] = []
 
     def on_step(done: int) -> None:
@@ -265,7 +273,8 @@ def test_killed_teachers_student_and_scheduler_give_the_uninterrupted_result(
             return
         if what == "teacher":  # the teacher the latest decision uses: it has requests in flight
             what = f"teacher-{_jsonl(out / 'decisions.jsonl')[-1]['teacher']}"
-        # Actor names carry the run id (student-<id>, teacher-<name>-<id>); one run at a time here.
+        # Actor names carry the run id (student-<id>, teacher-<name>-<id>, a second replica
+        # teacher-<name>-r1-<id>); one run at a time here.
         [name] = [
             a["name"]
             for a in ray.util.list_named_actors(all_namespaces=True)
@@ -278,7 +287,12 @@ def test_killed_teachers_student_and_scheduler_give_the_uninterrupted_result(
     summary = run_distillation(config, out, progress=False, on_step=on_step)
 
     assert not plan, f"kills not reached: {plan}"
-    assert sum(w.startswith("teacher-") for _, w, _ in killed) == 3
+    assert [w for _, w, _ in killed if w.startswith("teacher-")] == [
+        "teacher-t0",
+        "teacher-t0",
+        "teacher-t0",
+        "teacher-t1-r1",
+    ]
     for _, _, pid in killed:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
@@ -286,6 +300,15 @@ def test_killed_teachers_student_and_scheduler_give_the_uninterrupted_result(
     # step 0: it failed before the first one); teacher failures were retried by Ray alone.
     assert summary["recoveries"] == 2
     assert_same_run(out, reference)
+    # t1's store counts, summed over its replicas: the killed replica's new process counts from
+    # zero, so the whole requests it had served before the kill (training batches of 8 rows, the
+    # adaptive policy's probes of 4) are missing from the sum, and only those.
+    counts = summary["target_store"]["t1"]
+    ref_counts = json.loads((reference / "summary.json").read_text())["target_store"]["t1"]
+    served, asked = (c["hits"] + c["misses"] for c in (counts, ref_counts))
+    assert asked >= (config.train.total_steps - t1_from) * config.train.batch_size
+    assert 0 < served <= asked and (asked - served) % config.scheduler.probe_size == 0
+    assert (out / "targets").is_dir()  # teachers.target_store=run: in the run directory
 
 
 def _session_pids(sid: int) -> list[int]:

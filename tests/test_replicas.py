@@ -1,16 +1,11 @@
 """Teacher replicas (``teachers.ladder[].replicas``): the pool's load balancing and the bundles
-(no Ray), and on Ray a run whose replicated teacher loses a replica to SIGKILL mid-run ending
-with the same student as the run with one replica."""
+(no Ray), and on Ray a replica dead for good replaced under its name. (A run whose replicated
+teacher loses a replica to SIGKILL mid-run, ending with the student of the run with one replica:
+test_faults.py's killed-actors test.)"""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-from pathlib import Path
-
 import pytest
-import torch
 from conftest import TINY_LADDER
 
 from clpd_ray.config import config_from_dict
@@ -221,72 +216,3 @@ def test_a_replica_dead_for_good_is_replaced_and_release_stops_all(ray_cluster, 
         assert not alive, "released replicas still answer"
     finally:
         launcher.shutdown()
-
-
-def _student(out: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(out / "student" / "model.safetensors"))
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_killed_replica_ends_with_the_student_of_one_replica(
-    ray_cluster, tiny_config, uninterrupted, tmp_path
-):
-    """t1 served by 2 replicas, one SIGKILLed while t1 is in use (its requests in flight, its
-    store writes perhaps half done): Ray restarts it and re-runs them; the student is the
-    one-replica run's, bit for bit (CPU). With the run's target store, the harder case: without
-    one the same calls are simply re-run (TeacherPool has one call path). The fault tests' run,
-    whose uninterrupted (one-replica) run they share."""
-    import ray
-    from test_faults import FAULT_RUN
-
-    from clpd_ray.runtime.actors.launcher import NAMESPACE
-    from clpd_ray.runtime.run import run_distillation
-
-    stages = {"num_stages": 2}
-    reference = uninterrupted(
-        tiny_config(*FAULT_RUN, teachers={"ladder": _ladder([1, 1])}, curriculum=stages)
-    )
-    config = tiny_config(*FAULT_RUN, teachers={"ladder": _ladder([1, 2])}, curriculum=stages)
-    decisions = [json.loads(x) for x in (reference / "decisions.jsonl").read_text().splitlines()]
-    # t1 serves from where the adaptive policy moved to it (the same step in both runs) to the
-    # end; one of its replicas is killed 3 steps in.
-    t1_from = next(d["step"] for d in decisions if d["teacher"] == "t1")
-    kill_at = t1_from + 3
-    out = tmp_path / "run"
-    killed: list[int] = []
-
-    def on_step(done: int) -> None:
-        if done != kill_at or killed:
-            return
-        [name] = [
-            a["name"]
-            for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["namespace"] == NAMESPACE and a["name"].startswith("teacher-t1-r1-")
-        ]
-        handle = ray.get_actor(name, namespace=NAMESPACE)
-        pid = ray.get(handle.__ray_call__.remote(lambda self: os.getpid()))
-        os.kill(pid, signal.SIGKILL)
-        killed.append(pid)
-
-    summary = run_distillation(config, out, progress=False, on_step=on_step)
-
-    assert len(killed) == 1
-    with pytest.raises(ProcessLookupError):
-        os.kill(killed[0], 0)
-    assert summary["recoveries"] == 0  # a teacher failure is Ray's alone to retry
-    assert (out / "targets").is_dir()  # teachers.target_store=run: in the run directory
-    a, b = _student(out), _student(reference)
-    unequal = [k for k in a if not torch.equal(a[k], b[k])]
-    assert a.keys() == b.keys() and not unequal, f"tensors differ: {unequal}"
-    assert [json.loads(x) for x in (out / "decisions.jsonl").read_text().splitlines()] == decisions
-    # Summed over both replicas; the killed replica's new process counts from zero, so the
-    # whole requests it had served before the kill (training batches of 8 rows, the adaptive
-    # policy's probes of 4) are missing from the sum, and only those.
-    counts = summary["target_store"]["t1"]
-    ref_counts = json.loads((reference / "summary.json").read_text())["target_store"]["t1"]
-    served, asked = (c["hits"] + c["misses"] for c in (counts, ref_counts))
-    assert asked >= (config.train.total_steps - t1_from) * config.train.batch_size
-    assert 0 < served <= asked and (asked - served) % config.scheduler.probe_size == 0
