@@ -188,6 +188,12 @@ class Executor:
         """Teacher targets and accuracy on each stage's probe set (sent to the student later).
         Sequence-level KD sets ``_teachers_share_vocab`` first (:meth:`_setup_sequence`)."""
         sets = probe_sets(self.planner, self.c.seed, self.c.scheduler.probe_size)
+        if not self.launcher.placement.teacher_actors:
+            # sft: no teacher is started, so none scores the probes (no KL part, no teacher
+            # accuracy); the policy still sees the student's loss and accuracy on them.
+            self.planner.teacher_accuracy = ()
+            self._probe_args = (sets, [], self.w.max_new_tokens)
+            return
         probe_batches = []
         for s, p in enumerate(sets):
             e = encode_examples(self.w.tokenizer, p, fmt=self.w.prompt_format)
@@ -201,12 +207,6 @@ class Executor:
                     example_ids=np.arange(len(p)),
                 )
             )
-        if not self.launcher.placement.teacher_actors:
-            # sft: no teacher is started, so none scores the probes (no KL part, no teacher
-            # accuracy); the policy still sees the student's loss and accuracy on them.
-            self.planner.teacher_accuracy = ()
-            self._probe_args = (sets, [], self.w.max_new_tokens)
-            return
         # Teachers of another tokenizer family (sequence-level KD) cannot score the student's
         # tokens: the probes then have no KL part (ProbeResult.kl_to_teacher == ()).
         kl = self._teachers_share_vocab
